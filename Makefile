@@ -1,0 +1,44 @@
+# Two commands for a newcomer: `make run` (Vigil with embedded defaults) and `make test` (the whole suite).
+# Both install what they need: a virtualenv in .venv, Vigil and its dependencies, and (tests) Debian chromium.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.vigil-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test test-fast lint bench install browser clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "Vigil needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU build; an unpinned torch pulls GBs of CUDA.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+run: $(STAMP)
+	$(PY) serve_app.py
+
+test: $(STAMP) browser
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "unit"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check actors serve_app.py tests bench load_tests
+	$(VENV)/bin/mypy actors serve_app.py
+
+bench: $(STAMP)
+	$(PY) -m bench.tick_latency --clients 1 8
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,106 @@
+"""Data-channel messages (JSON, both directions), parsed with limits. See docs/protocol.md."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from actors.engine import EngineInfo
+from actors.messages import TickOutcome
+
+ClientKind = Literal["instruction", "clear_instructions", "question", "ping"]
+CLIENT_KINDS: tuple[str, ...] = ("instruction", "clear_instructions", "question", "ping")
+
+
+class ChannelError(ValueError):
+    """A client message was rejected; `reason` labels the metric, the message goes back to the client."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    kind: ClientKind
+    text: str = ""
+    ping_id: str | int | float | None = None
+
+
+def parse_client_message(data: str | bytes, max_bytes: int, max_text_chars: int) -> ClientMessage:
+    """Parse one data-channel message from a client, or raise ChannelError."""
+    size = len(data.encode() if isinstance(data, str) else data)
+    if size > max_bytes:
+        raise ChannelError("too_large", f"message of {size} bytes is over the {max_bytes}-byte limit")
+    try:
+        payload = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ChannelError("malformed", f"message is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ChannelError("malformed", "message must be a JSON object")
+    kind = payload.get("type")
+    if kind not in CLIENT_KINDS:
+        raise ChannelError("unknown_type", f"unknown message type {kind!r}; expected one of {list(CLIENT_KINDS)}")
+    if kind in ("instruction", "question"):
+        text = payload.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ChannelError("bad_field", f"{kind} needs a non-empty string 'text'")
+        if len(text) > max_text_chars:
+            raise ChannelError("bad_field", f"text of {len(text)} characters is over the {max_text_chars} limit")
+        return ClientMessage(kind=kind, text=text.strip())
+    if kind == "ping":
+        ping_id = payload.get("id")
+        if ping_id is not None and not isinstance(ping_id, str | int | float):
+            raise ChannelError("bad_field", "ping 'id' must be a number or a string")
+        return ClientMessage(kind="ping", ping_id=ping_id)
+    return ClientMessage(kind=kind)
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def model_payload(info: EngineInfo) -> dict[str, Any]:
+    return {"engine": info.engine, "model": info.model, "demo": info.demo, "note": info.note}
+
+
+def hello_message(session_id: str, info: EngineInfo, tick_interval_s: float, instructions: tuple[str, ...]) -> str:
+    return _dumps(
+        {
+            "type": "hello",
+            "session_id": session_id,
+            "model": model_payload(info),
+            "tick_interval_s": tick_interval_s,
+            "instructions": list(instructions),
+        }
+    )
+
+
+def instructions_message(instructions: tuple[str, ...]) -> str:
+    return _dumps({"type": "instructions", "items": list(instructions)})
+
+
+def tick_payload(outcome: TickOutcome, latency_ms: float) -> dict[str, Any]:
+    return {
+        "type": "tick",
+        "tick": outcome.tick,
+        "stream_time": round(outcome.stream_time, 3),
+        "outcome": outcome.outcome,
+        "text": outcome.text,
+        "question": outcome.question,
+        "latency_ms": round(latency_ms, 2),
+        "stages_ms": {name: round(ms, 2) for name, ms in outcome.stages_ms.items()},
+    }
+
+
+def tick_message(outcome: TickOutcome, latency_ms: float) -> str:
+    return _dumps(tick_payload(outcome, latency_ms))
+
+
+def error_message(code: str, message: str) -> str:
+    return _dumps({"type": "error", "code": code, "message": message})
+
+
+def pong_message(ping_id: str | int | float | None) -> str:
+    return _dumps({"type": "pong", "id": ping_id})

@@ -1,0 +1,103 @@
+"""Vigil's configuration: one pydantic model, loadable from the environment (VIGIL_*) or a Serve config file."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+ENV_PREFIX = "VIGIL_"
+DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
+
+
+class Limits(BaseModel):
+    """Hard limits on everything a client can send."""
+
+    max_body_bytes: int = 64 * 1024
+    max_sdp_bytes: int = 32 * 1024
+    max_tracks: int = 2
+    max_message_bytes: int = 4096
+    max_text_chars: int = 1000
+    max_instructions: int = 8
+    max_sessions: int = 64
+    max_frame_pixels: int = 1920 * 1080
+
+
+class VigilConfig(BaseModel):
+    """Everything Vigil reads at start-up. Secrets are `SecretStr` so they never print."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None
+    redis_dir: str = ".cache/redis"
+    api_key: SecretStr | None = None
+
+    model: str = DEFAULT_MODEL
+    fallback_to_demo: bool = True
+    demo_model_dir: str = ".cache/vigil-demo-model"
+    engine: str = "transformers"
+    device: str = "cpu"
+    max_new_tokens: int = 40
+    image_size: int = Field(default=448, description="Longest side of a sample, in pixels, before the engine's own resize")
+
+    tick_interval_s: float = 1.0
+    short_term_frames: int = 4
+    dialog_turns: int = 6
+    silent_without_instruction: bool = True
+    change_threshold: float = 0.08
+    session_ttl_s: int = 13 * 3600
+    event_log_max: int = 50_000
+    heartbeat_timeout_s: float = 30.0
+    decide_timeout_s: float = 30.0
+
+    ice_servers: list[str] = Field(default_factory=list)
+    ice_host_addresses: list[str] = Field(default_factory=list)
+    ice_allowed_networks: list[str] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+
+    interaction_replicas: int = 1
+    max_ongoing_requests: int = 64
+
+    @field_validator("ice_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
+
+    @property
+    def is_loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+    @property
+    def auth_required(self) -> bool:
+        """Session creation needs the API key when one is set; loopback without a key is open."""
+        return self.api_key is not None
+
+    @classmethod
+    def from_env(cls, overrides: dict[str, Any] | None = None) -> VigilConfig:
+        """Read VIGIL_<FIELD> variables (and REDIS_URL); lists are comma-separated; `overrides` win."""
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            raw = os.environ.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            if field.annotation == list[str]:
+                values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+            else:
+                values[name] = raw
+        if "redis_url" not in values and os.environ.get("REDIS_URL"):
+            values["redis_url"] = os.environ["REDIS_URL"]
+        values.update(overrides or {})
+        config = cls.model_validate(values)
+        if not config.is_loopback and config.api_key is None:
+            raise ValueError(
+                f"Vigil listens on {config.host}, which is not loopback: set VIGIL_API_KEY so that "
+                "session creation is authenticated."
+            )
+        return config

@@ -1,0 +1,46 @@
+"""The engine interface behind the interaction role: one decision per tick request."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from actors.messages import Decision, TickRequest
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What a user is told about the model that watches their stream."""
+
+    engine: str
+    model: str
+    demo: bool = False
+    note: str = ""
+
+
+class EngineError(RuntimeError):
+    """The engine could not decide a tick (the tick is recorded as `skipped:engine_error`)."""
+
+
+class Engine(ABC):
+    """A decision engine. Implementations keep all blocking work off the event loop."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model; raise with a clear message if it cannot be loaded."""
+
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve decisions."""
+
+    @abstractmethod
+    async def decide(self, requests: list[TickRequest]) -> list[Decision]:
+        """Decide a batch of ticks (one per session); the answer has one Decision per request, in order."""
+
+    @abstractmethod
+    def info(self) -> EngineInfo:
+        """Which model this engine runs."""
+
+
+class ReplicaFailed(RuntimeError):
+    """The replica serving a call died mid-call (the tick is recorded as `skipped:replica_failed`)."""

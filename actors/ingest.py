@@ -1,0 +1,284 @@
+"""The gateway: Vigil's HTTP API (sessions, WebRTC offers, events, health, metrics) and its peer connections."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+
+from actors.channel import model_payload, tick_payload
+from actors.config import VigilConfig
+from actors.engine import EngineInfo
+from actors.messages import SessionRecord, from_dict, to_dict
+from actors.peer import InvalidOffer, PeerSession
+from actors.session_loop import TickServices
+from actors.session_store import SessionStore, UnknownSession
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_FILES = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
+
+
+class ApiError(Exception):
+    """An HTTP error with the documented body `{"error": {"code", "message"}}`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class CreateSessionBody(BaseModel):
+    instructions: list[str] = Field(default_factory=list)
+
+
+class OfferBody(BaseModel):
+    type: str
+    sdp: str
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+class Gateway:
+    """Sessions and their peer connections in this replica; session state itself lives in Redis."""
+
+    def __init__(self, config: VigilConfig, store: SessionStore, services: TickServices, engine: Any) -> None:
+        self.config = config
+        self.store = store
+        self.services = services
+        self.engine = engine  # anything with async info() and check_health()
+        self.engine_info = EngineInfo(engine="unknown", model="unknown")
+        self.peers: dict[str, PeerSession] = {}
+        self._closers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.engine_info = await self.engine.info()
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(peer.close() for peer in list(self.peers.values())), return_exceptions=True)
+        await self.store.close()
+
+    # -- sessions ------------------------------------------------------------------------------------------
+
+    def check_api_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = bearer(request) or ""
+        if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+            raise ApiError(401, "unauthorized", "session creation needs a valid API key (Authorization: Bearer)")
+
+    def _check_instructions(self, instructions: list[str]) -> tuple[str, ...]:
+        limits = self.config.limits
+        if len(instructions) > limits.max_instructions:
+            raise ApiError(422, "invalid_request", f"at most {limits.max_instructions} instructions")
+        cleaned = tuple(text.strip() for text in instructions if text.strip())
+        for text in cleaned:
+            if len(text) > limits.max_text_chars:
+                raise ApiError(422, "invalid_request", f"an instruction is over {limits.max_text_chars} characters")
+        return cleaned
+
+    async def create_session(self, body: CreateSessionBody) -> dict[str, Any]:
+        if len(self.peers) >= self.config.limits.max_sessions:
+            raise ApiError(503, "too_many_sessions", f"this replica holds {len(self.peers)} sessions, the limit")
+        record, token = await self.store.create(self._check_instructions(body.instructions))
+        limits = self.config.limits
+        return {
+            "session_id": record.session_id,
+            "token": token,
+            "expires_in": self.config.session_ttl_s,
+            "tick_interval_s": self.config.tick_interval_s,
+            "model": model_payload(self.engine_info),
+            "limits": {
+                "max_message_bytes": limits.max_message_bytes,
+                "max_sdp_bytes": limits.max_sdp_bytes,
+                "max_tracks": limits.max_tracks,
+            },
+        }
+
+    async def authorize(self, session_id: str, request: Request) -> SessionRecord:
+        try:
+            record = await self.store.authenticate(session_id, bearer(request))
+        except UnknownSession:
+            raise ApiError(404, "unknown_session", f"no session {session_id!r} (ended or expired?)") from None
+        if record is None:
+            raise ApiError(401, "unauthorized", "missing or wrong session token (Authorization: Bearer)")
+        return record
+
+    async def offer(self, record: SessionRecord, body: OfferBody) -> dict[str, str]:
+        if body.type != "offer":
+            raise ApiError(400, "invalid_sdp", f"expected an SDP of type 'offer', got {body.type!r}")
+        if record.state == "ended":
+            raise ApiError(404, "unknown_session", f"session {record.session_id} has ended")
+        if record.session_id in self.peers:
+            raise ApiError(409, "already_connected", "this session already has a live peer connection")
+        if len(self.peers) >= self.config.limits.max_sessions:
+            raise ApiError(503, "too_many_sessions", "this replica is full")
+        peer = PeerSession(
+            record.session_id, self.config, self.services, self.engine_info, record.instructions,
+            on_instructions=lambda items: self._own(self._save_instructions(record.session_id, items)),
+        )
+        self.peers[record.session_id] = peer
+        try:
+            answer = await peer.accept(body.sdp)
+        except InvalidOffer as exc:
+            self.peers.pop(record.session_id, None)
+            status = 413 if exc.code == "sdp_too_large" else 400
+            raise ApiError(status, exc.code, str(exc)) from None
+        except BaseException:
+            self.peers.pop(record.session_id, None)
+            await peer.close()
+            raise
+        self.services.metrics.active_sessions.set(len(self.peers))
+        self._own(self._forget_when_closed(peer))
+        await self.store.update(from_dict(SessionRecord, to_dict(record) | {"state": "live"}))
+        return {"type": "answer", "sdp": answer}
+
+    async def end(self, record: SessionRecord) -> dict[str, Any]:
+        peer = self.peers.pop(record.session_id, None)
+        if peer is not None:
+            await peer.close()
+        self.services.metrics.active_sessions.set(len(self.peers))
+        await self.store.end(record.session_id)
+        return {"ok": True, "session_id": record.session_id}
+
+    async def events(self, record: SessionRecord, after: int, limit: int) -> dict[str, Any]:
+        limit = max(1, min(limit, 1000))
+        outcomes = await self.store.outcomes(record.session_id, after=after, limit=limit)
+        return {"events": [tick_payload(o, o.stages_ms.get("total", 0.0)) for o in outcomes]}
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        status: dict[str, Any] = {}
+        try:
+            status["redis"] = await asyncio.wait_for(self.store.ping(), 2.0)
+        except Exception as exc:
+            status["redis"] = f"unavailable: {exc}"
+        try:
+            await asyncio.wait_for(self.engine.check_health(), 5.0)
+            status["engine"] = True
+        except Exception as exc:
+            status["engine"] = f"unavailable: {exc}"
+        ok = status["redis"] is True and status["engine"] is True
+        return ok, status | {"ok": ok}
+
+    # -- owned tasks ---------------------------------------------------------------------------------------
+
+    def _own(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def _forget_when_closed(self, peer: PeerSession) -> None:
+        await peer.loop.closed.wait()
+        await peer.close()
+        if self.peers.get(peer.session_id) is peer:
+            del self.peers[peer.session_id]
+        self.services.metrics.active_sessions.set(len(self.peers))
+
+    async def _save_instructions(self, session_id: str, instructions: tuple[str, ...]) -> None:
+        record = await self.store.get(session_id)
+        await self.store.update(from_dict(SessionRecord, to_dict(record) | {"instructions": instructions}))
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+async def read_json(request: Request, model: type[BaseModel], max_bytes: int, required: bool = True) -> Any:
+    """Read a JSON body with a size limit, before parsing it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, "body_too_large", f"request body over the {max_bytes}-byte limit")
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise ApiError(413, "body_too_large", f"request body over the {max_bytes}-byte limit")
+    if not body and not required:
+        return model()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "body"
+        raise ApiError(422, "invalid_request", f"{where}: {first.get('msg')}") from None
+
+
+def build_api(gateway: Gateway) -> FastAPI:
+    """The HTTP API of docs/protocol.md over a Gateway."""
+    app = FastAPI(title="Vigil", docs_url=None, redoc_url=None)
+    max_body = gateway.config.limits.max_body_bytes
+    metrics = gateway.services.metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        metrics.http_rejected_total.labels(code=exc.code).inc()
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.http_rejected_total.labels(code="invalid_request").inc()
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())) or "request"
+        return error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(request: Request) -> dict[str, Any]:
+        gateway.check_api_key(request)
+        body = await read_json(request, CreateSessionBody, max_body, required=False)
+        return await gateway.create_session(body)
+
+    @app.post("/v1/sessions/{session_id}/offer")
+    async def offer(session_id: str, request: Request) -> dict[str, str]:
+        record = await gateway.authorize(session_id, request)
+        body = await read_json(request, OfferBody, max_body)
+        return await gateway.offer(record, body)
+
+    @app.get("/v1/sessions/{session_id}/events")
+    async def events(session_id: str, request: Request, after: int = 0, limit: int = 100) -> dict[str, Any]:
+        record = await gateway.authorize(session_id, request)
+        return await gateway.events(record, after, limit)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def end(session_id: str, request: Request) -> dict[str, Any]:
+        record = await gateway.authorize(session_id, request)
+        return await gateway.end(record)
+
+    @app.get("/v1/info")
+    async def info() -> dict[str, Any]:
+        return {"model": model_payload(gateway.engine_info), "tick_interval_s": gateway.config.tick_interval_s}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ok, status = await gateway.readiness()
+        return JSONResponse(status, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    for route, name in WEB_FILES.items():
+        app.add_api_route(route, _static(WEB_DIR / name), methods=["GET"], include_in_schema=False)
+    return app
+
+
+def _static(path: Path) -> Any:
+    async def serve_file() -> FileResponse:
+        return FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    return serve_file

@@ -1,0 +1,44 @@
+"""Prometheus metrics of the tick path, the sessions and rejected input (exposed at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class VigilMetrics:
+    """All of Vigil's metrics in one registry (one per process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.tick_stage_seconds = Histogram(
+            "vigil_tick_stage_seconds",
+            "Duration of each stage of a tick: sample (frame arrival to sample), decide, record (log and send), "
+            "total (frame arrival to sent).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.ticks_total = Counter(
+            "vigil_ticks_total", "Ticks by recorded outcome.", ["outcome"], registry=self.registry
+        )
+        self.active_sessions = Gauge(
+            "vigil_active_sessions", "Sessions with a live peer connection.", registry=self.registry
+        )
+        self.channel_rejected_total = Counter(
+            "vigil_channel_rejected_total",
+            "Data-channel messages rejected, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.http_rejected_total = Counter(
+            "vigil_http_rejected_total", "HTTP requests rejected, by error code.", ["code"], registry=self.registry
+        )
+
+    def observe_stages(self, stages_ms: dict[str, float]) -> None:
+        for stage, ms in stages_ms.items():
+            self.tick_stage_seconds.labels(stage=stage).observe(ms / 1000.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,230 @@
+"""One session's ticks: once per second take the newest frame, sample it, decide, and record one outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from actors.channel import instructions_message, tick_message
+from actors.config import VigilConfig
+from actors.decisions import format_decision
+from actors.engine import ReplicaFailed
+from actors.frames import ArrivedFrame, LatestFrameBuffer
+from actors.messages import Decision, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
+from actors.metrics import VigilMetrics
+from actors.session_store import SessionStore
+
+log = logging.getLogger(__name__)
+
+SampleFn = Callable[[np.ndarray, float, bytes | None, bool], Awaitable[SampleVerdict]]
+DecideFn = Callable[[TickRequest], Awaitable[Decision]]
+SendFn = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TickServices:
+    """What a session's ticks call: the sampler, the interaction engine, Redis and the metrics."""
+
+    sample: SampleFn
+    decide: DecideFn
+    store: SessionStore
+    metrics: VigilMetrics
+
+
+def frame_to_rgb(frame: object) -> np.ndarray:
+    """An av.VideoFrame (or an HxWx3 array, for tests) as an RGB uint8 array."""
+    if isinstance(frame, np.ndarray):
+        return frame
+    return frame.to_ndarray(format="rgb24")  # type: ignore[attr-defined]
+
+
+class SessionLoop:
+    """Owns a session's tick scheduler and its in-flight tick; every tick ends as exactly one recorded outcome.
+
+    Ticks are scheduled on a fixed grid. When a tick is due while the previous one is still running, the due
+    tick is recorded as `skipped:busy` rather than queued: decisions are about the present.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        config: VigilConfig,
+        services: TickServices,
+        frames: LatestFrameBuffer,
+        send: SendFn,
+        instructions: tuple[str, ...] = (),
+    ) -> None:
+        self.session_id = session_id
+        self.config = config
+        self.services = services
+        self.frames = frames
+        self.send = send
+        self.instructions: tuple[str, ...] = instructions
+        self.tick = 0
+        self.last_activity = time.monotonic()
+        self._window: deque[Sample] = deque(maxlen=max(1, config.short_term_frames))
+        self._dialog: deque[Turn] = deque(maxlen=max(2, config.dialog_turns * 2))
+        self._signature: bytes | None = None
+        self._question_pending = False
+        self._scheduler: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+        self.closed = asyncio.Event()
+
+    # -- control -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._scheduler is None:
+            self._scheduler = asyncio.create_task(self._schedule(), name=f"ticks-{self.session_id}")
+
+    async def stop(self) -> None:
+        """Stop ticking; an in-flight tick is recorded as `skipped:closed`. Waits for pending writes."""
+        for task in (self._scheduler, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._scheduler, self._inflight):
+            if task is not None:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        self.closed.set()
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def set_instructions(self, instructions: tuple[str, ...]) -> None:
+        self.instructions = instructions
+        self.send(instructions_message(instructions))
+
+    def add_question(self, text: str) -> None:
+        now = self.frames.stream_time(time.monotonic())
+        self._dialog.append(Turn(role="user", text=text, stream_time=now))
+        self._question_pending = True
+
+    # -- ticking -------------------------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.tick_interval_s
+        next_at = loop.time()
+        while True:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if time.monotonic() - self.last_activity > self.config.heartbeat_timeout_s:
+                log.info("session %s: no heartbeat or video for %.0f s, closing",
+                         self.session_id, self.config.heartbeat_timeout_s)
+                self.closed.set()
+                return
+            self.tick += 1
+            if self._inflight is not None and not self._inflight.done():
+                self._record_now(self._skipped(self.tick, "busy"))
+                continue
+            self._inflight = asyncio.create_task(self._run_tick(self.tick), name=f"tick-{self.session_id}")
+
+    def _skipped(self, tick: int, reason: str, stream_time: float | None = None) -> TickOutcome:
+        if stream_time is None:
+            stream_time = self.frames.stream_time(time.monotonic())
+        return TickOutcome(
+            session_id=self.session_id, tick=tick, stream_time=stream_time,
+            outcome=f"skipped:{reason}", wall_time=time.time(),
+        )
+
+    async def _run_tick(self, tick: int) -> None:
+        arrived = self.frames.take()
+        try:
+            if arrived is None:
+                outcome = self._skipped(tick, "no_frame")
+                arrival = time.monotonic()
+            else:
+                arrival = arrived.arrival
+                outcome = await asyncio.wait_for(self._decide_tick(tick, arrived), self.config.decide_timeout_s)
+        except asyncio.CancelledError:
+            self._record_now(self._skipped(tick, "closed"))
+            raise
+        except TimeoutError:
+            outcome = self._skipped(tick, "timeout")
+        except ReplicaFailed:
+            outcome = self._skipped(tick, "replica_failed")
+        except Exception:
+            log.exception("session %s tick %d failed", self.session_id, tick)
+            outcome = self._skipped(tick, "engine_error")
+        await self._record(outcome, arrival)
+
+    async def _decide_tick(self, tick: int, arrived: ArrivedFrame) -> TickOutcome:
+        started = time.monotonic()
+        stream_time = self.frames.stream_time(arrived.arrival)
+        rgb = await asyncio.to_thread(frame_to_rgb, arrived.frame)
+        verdict = await self.services.sample(rgb, stream_time, self._signature, True)
+        self._signature = verdict.signature
+        if verdict.sample is not None:
+            self._window.append(verdict.sample)
+        sampled = time.monotonic()
+        stages = {"wait": (started - arrived.arrival) * 1000, "sample": (sampled - started) * 1000}
+        inbox_items = await self.services.store.pop_inbox(self.session_id)
+        inbox = tuple(str(item.get("text", "")) for item in inbox_items)
+        asked = self._question_pending or bool(inbox)
+        if not self.instructions and not asked and self.config.silent_without_instruction:
+            # Nothing to watch for and nobody asked: silence without calling the model.
+            return TickOutcome(
+                session_id=self.session_id, tick=tick, stream_time=stream_time, outcome="silent",
+                wall_time=time.time(), stages_ms=stages,
+            )
+        request = TickRequest(
+            session_id=self.session_id, tick=tick, stream_time=stream_time, samples=tuple(self._window),
+            instructions=self.instructions, dialog=tuple(self._dialog), inbox=inbox,
+        )
+        decision = await self.services.decide(request)
+        stages["decide"] = (time.monotonic() - sampled) * 1000
+        self._question_pending = False
+        if decision.kind != "silent":
+            self._dialog.append(Turn(role="assistant", text=format_decision(decision), stream_time=stream_time))
+        return TickOutcome(
+            session_id=self.session_id, tick=tick, stream_time=stream_time, outcome=decision.kind,
+            text=decision.text, question=decision.question, wall_time=time.time(), stages_ms=stages,
+            model_called=True,
+        )
+
+    # -- recording -----------------------------------------------------------------------------------------
+
+    def _emit(self, outcome: TickOutcome, arrival: float) -> TickOutcome:
+        """Send and count an outcome; returns it with its final stage timings."""
+        stages = dict(outcome.stages_ms)
+        sending = time.monotonic()
+        stages["total"] = (sending - arrival) * 1000
+        final = TickOutcome(**{**_fields(outcome), "stages_ms": stages})
+        try:
+            self.send(tick_message(final, stages["total"]))
+        except Exception:  # a closing channel must not lose the recorded outcome
+            log.debug("session %s: could not send tick %d", self.session_id, outcome.tick, exc_info=True)
+        stages["send"] = (time.monotonic() - sending) * 1000
+        self.services.metrics.ticks_total.labels(outcome=final.outcome).inc()
+        if not final.skipped:
+            self.services.metrics.observe_stages(stages)
+        return final
+
+    async def _record(self, outcome: TickOutcome, arrival: float) -> None:
+        final = self._emit(outcome, arrival)
+        try:
+            await self.services.store.append_outcome(final)
+        except Exception:
+            log.exception("session %s: tick %d not logged to Redis", self.session_id, final.tick)
+
+    def _record_now(self, outcome: TickOutcome) -> None:
+        """Record without awaiting (from the scheduler or a cancelled tick); the Redis write is owned here."""
+        final = self._emit(outcome, time.monotonic())
+        task = asyncio.get_running_loop().create_task(self.services.store.append_outcome(final))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+
+def _fields(outcome: TickOutcome) -> dict[str, object]:
+    return {name: getattr(outcome, name) for name in TickOutcome.__dataclass_fields__}

@@ -1,0 +1,122 @@
+"""A Vigil client in Python: creates a session, streams a synthetic video track, reads decisions.
+
+Used by the benchmarks and the integration tests; it speaks docs/protocol.md and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import VideoStreamTrack
+
+from actors.ice import rtc_configuration
+
+RenderFn = Callable[[float], np.ndarray]
+VIDEO_CLOCK_RATE = 90_000
+
+
+class SyntheticVideoTrack(VideoStreamTrack):
+    """Frames drawn by `render(seconds since start)` at `fps`."""
+
+    def __init__(self, render: RenderFn, fps: float = 5.0) -> None:
+        super().__init__()
+        self._render = render
+        self._fps = fps
+        self._started: float | None = None
+        self._count = 0
+
+    async def recv(self) -> av.VideoFrame:
+        if self._started is None:
+            self._started = time.monotonic()
+        due = self._started + self._count / self._fps
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        elapsed = self._count / self._fps
+        frame = av.VideoFrame.from_ndarray(self._render(elapsed), format="rgb24")
+        frame.pts = int(elapsed * VIDEO_CLOCK_RATE)
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+        self._count += 1
+        return frame
+
+
+class VigilClient:
+    """One session: HTTP calls with httpx, media and data channel with aiortc."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 15.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s)
+        self.pc: RTCPeerConnection | None = None
+        self.session: dict[str, Any] = {}
+        self.messages: list[dict[str, Any]] = []
+        self.ticks: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=100_000)
+        self.opened = asyncio.Event()
+        self.channel: Any = None
+
+    @property
+    def session_id(self) -> str:
+        return str(self.session["session_id"])
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.session['token']}"}
+
+    async def create(self, instructions: list[str] | None = None) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        reply = await self.http.post("/v1/sessions", json={"instructions": instructions or []}, headers=headers)
+        reply.raise_for_status()
+        self.session = reply.json()
+        return self.session
+
+    async def connect(self, track: VideoStreamTrack, instructions: list[str] | None = None) -> None:
+        """Create a session (unless created) and start streaming `track`."""
+        if not self.session:
+            await self.create(instructions)
+        self.pc = RTCPeerConnection(rtc_configuration([]))
+        self.channel = self.pc.createDataChannel("vigil")
+        self.channel.on("open", self.opened.set)
+        self.channel.on("message", self._on_message)
+        self.pc.addTrack(track)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        reply = await self.http.post(
+            f"/v1/sessions/{self.session_id}/offer",
+            json={"type": "offer", "sdp": self.pc.localDescription.sdp},
+            headers=self.auth(),
+        )
+        reply.raise_for_status()
+        await self.pc.setRemoteDescription(RTCSessionDescription(**reply.json()))
+        await asyncio.wait_for(self.opened.wait(), 15.0)
+
+    def _on_message(self, data: str | bytes) -> None:
+        message = json.loads(data)
+        message["received_at"] = time.monotonic()
+        self.messages.append(message)
+        if message.get("type") == "tick":
+            self.ticks.put_nowait(message)
+
+    def send(self, message: dict[str, Any] | str) -> None:
+        self.channel.send(message if isinstance(message, str) else json.dumps(message))
+
+    async def events(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        reply = await self.http.get(
+            f"/v1/sessions/{self.session_id}/events", params={"after": after, "limit": limit}, headers=self.auth()
+        )
+        reply.raise_for_status()
+        return list(reply.json()["events"])
+
+    async def close(self, end_session: bool = True) -> None:
+        if end_session and self.session:
+            try:
+                await self.http.delete(f"/v1/sessions/{self.session_id}", headers=self.auth())
+            except httpx.HTTPError:
+                pass
+        if self.pc is not None:
+            await self.pc.close()
+        await self.http.aclose()

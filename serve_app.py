@@ -1,0 +1,164 @@
+"""Vigil's application graph on Ray Serve, and `main()`, which `make run` starts.
+
+    ingest (HTTP + WebRTC, session loops) ──▶ sampler
+                                          └─▶ interaction (the VLM engine)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from actors.config import VigilConfig
+from actors.engine import EngineInfo, ReplicaFailed
+from actors.ice import restrict_host_addresses
+from actors.ingest import Gateway, build_api
+from actors.messages import Decision, SampleVerdict, TickRequest
+from actors.metrics import VigilMetrics
+from actors.sampler import FrameSampler
+from actors.session_loop import TickServices
+from actors.session_store import SessionStore
+
+log = logging.getLogger("vigil")
+
+
+@serve.deployment(max_ongoing_requests=256)
+class Sampler:
+    """Frame sampling off the ingest's event loop; frames arrive as ObjectRefs."""
+
+    def __init__(self, config: VigilConfig) -> None:
+        self.sampler = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
+
+    async def sample(
+        self, frame_refs: list[ray.ObjectRef], stream_time: float, previous: bytes | None, due: bool
+    ) -> SampleVerdict:
+        rgb = await frame_refs[0]
+        return await asyncio.to_thread(self.sampler.sample, rgb, stream_time, previous, due)
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Interaction:
+    """The decision engine; concurrent ticks of many sessions are decided as one batch."""
+
+    async def __init__(self, config: VigilConfig) -> None:
+        from actors.transformers_engine import load_engine
+
+        self.engine = load_engine(config)
+        await self.engine.start()
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def decide(self, requests: list[TickRequest]) -> list[Decision]:
+        return await self.engine.decide(requests)
+
+    async def info(self) -> EngineInfo:
+        return self.engine.info()
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+
+class RemoteEngine:
+    """The interaction deployment seen from the ingest: decide, info and health through a handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def decide(self, request: TickRequest) -> Decision:
+        try:
+            return await self.handle.decide.remote(request)
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
+            raise ReplicaFailed(str(exc)) from exc
+
+    async def info(self) -> EngineInfo:
+        return await self.handle.info.remote()
+
+    async def check_health(self) -> None:
+        await self.handle.check_health.remote()
+
+
+@serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
+@serve.ingress()
+class Ingest:
+    """HTTP API, WebRTC peers and session loops."""
+
+    async def __init__(self, config: VigilConfig, sampler: DeploymentHandle, interaction: DeploymentHandle) -> None:
+        logging.basicConfig(level=logging.INFO)
+        restrict_host_addresses(config.ice_host_addresses)
+        engine = RemoteEngine(interaction)
+        store = SessionStore.from_url(config.redis_url or "", config.session_ttl_s, config.event_log_max)
+
+        async def sample(rgb: np.ndarray, stream_time: float, previous: bytes | None, due: bool) -> SampleVerdict:
+            ref = await asyncio.to_thread(ray.put, rgb)
+            return await sampler.sample.remote([ref], stream_time, previous, due)
+
+        services = TickServices(sample=sample, decide=engine.decide, store=store, metrics=VigilMetrics())
+        self.gateway = Gateway(config, store, services, engine)
+        await self.gateway.start()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_api(self.gateway)
+
+    async def __del__(self) -> None:
+        await self.gateway.shutdown()
+
+
+def build_app(config: VigilConfig) -> serve.Application:
+    """The bound graph for a config (its `redis_url` must be set)."""
+    if not config.redis_url:
+        raise ValueError("build_app needs config.redis_url: start Redis first (main() embeds one)")
+    limits = {"max_ongoing_requests": config.max_ongoing_requests}
+    interaction = Interaction.options(num_replicas=config.interaction_replicas, **limits).bind(config)
+    return Ingest.bind(config, Sampler.bind(config), interaction)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for `serve run serve_app:app_builder` and Serve config files (`args` override VIGIL_*)."""
+    return build_app(VigilConfig.from_env(args))
+
+
+def main() -> None:
+    """Start Redis (embedded unless REDIS_URL is set), Ray, and Vigil; block until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = VigilConfig.from_env()
+    except ValueError as exc:
+        sys.exit(f"vigil: {exc}")
+    redis = None
+    if not config.redis_url:
+        from actors.redis_server import EmbeddedRedis
+
+        redis = EmbeddedRedis(config.redis_dir)
+        config = config.model_copy(update={"redis_url": redis.url})
+        log.info("embedded Redis at %s", redis.url)
+    from actors.transformers_engine import prepare_model
+
+    config = prepare_model(config)
+    ray.init(include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("VIGIL_", "HF_"))}})
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name="vigil", route_prefix="/")
+    url = f"http://{config.host}:{config.port}/"
+    print(f"\nVigil is running: open {url}\n", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    print("stopping Vigil…", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    if redis is not None:
+        redis.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Fakes of Vigil's interfaces for tests of the plumbing around them (one fake per interface)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import uvicorn
+
+from actors.engine import Engine, EngineInfo, EngineError
+from actors.messages import Decision, TickRequest
+
+
+class ScriptedEngine(Engine):
+    """Decides by a rule over the newest sample; can be made slow or failing to exercise the tick path."""
+
+    def __init__(
+        self,
+        rule: Callable[[TickRequest], Decision] | None = None,
+        delay_s: float = 0.0,
+        fail: bool = False,
+    ) -> None:
+        self.rule = rule or (lambda request: Decision(kind="silent", raw="</silence>"))
+        self.delay_s = delay_s
+        self.fail = fail
+        self.requests: list[TickRequest] = []
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def check_health(self) -> None:
+        if not self.started:
+            raise EngineError("not started")
+
+    async def decide(self, requests: list[TickRequest]) -> list[Decision]:
+        self.requests.extend(requests)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise EngineError("scripted failure")
+        return [self.rule(r) for r in requests]
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(engine="scripted", model="scripted-test-engine")
+
+
+class LocalEngineHandle:
+    """An Engine seen the way the gateway sees the interaction deployment (decide one, async info)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def decide(self, request: TickRequest) -> Decision:
+        return (await self.engine.decide([request]))[0]
+
+    async def info(self) -> EngineInfo:
+        return self.engine.info()
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+
+def red_pixels(request: TickRequest) -> bool:
+    """Whether the newest sample shows a red disc (many strongly red pixels)."""
+    sample = request.samples[-1]
+    rgb = np.frombuffer(sample.rgb, dtype=np.uint8).reshape(sample.height, sample.width, 3).astype(int)
+    red = (rgb[..., 0] > 150) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
+    return bool(red.mean() > 0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerThread:
+    """A real uvicorn HTTP server on 127.0.0.1 in a thread with its own event loop."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

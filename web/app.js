@@ -1,0 +1,508 @@
+// Vigil page: shares a camera or screen over WebRTC and shows what Vigil decides every second.
+// The protocol it speaks is docs/protocol.md.
+"use strict";
+
+const ICE_GATHER_TIMEOUT_MS = 5000;
+const PING_INTERVAL_MS = 5000;
+const PONG_LATE_MS = 15000;
+const MAX_FRAMERATE = 5;
+const MAX_BITRATE = 600_000;
+const MAX_MARKS = 900;
+const MAX_RESPONSES = 200;
+const LATENCY_WINDOW = 60;
+const RECONNECT_ATTEMPTS = 5;
+const PENDING_LIMIT = 8;
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  start: $("start"), stop: $("stop"), camera: $("source-camera"), screen: $("source-screen"),
+  apiKey: $("api-key"), preview: $("preview"), status: $("status"), error: $("error"),
+  modelName: $("model-name"), demoNote: $("demo-note"),
+  form: $("instruction-form"), input: $("instruction-input"), ask: $("ask"), clear: $("clear-instructions"),
+  instructions: $("instructions"), instructionsEmpty: $("instructions-empty"),
+  timeline: $("timeline"), latency: $("latency"), responses: $("responses"),
+  responsesEmpty: $("responses-empty"), speak: $("speak-toggle"),
+};
+
+const state = {
+  session: null,   // the 201 body of POST /v1/sessions
+  stream: null,
+  pc: null,
+  dc: null,
+  pingTimer: null,
+  pingSeq: 0,
+  pingsSent: new Map(),
+  lastPongAt: 0,
+  rttMs: null,
+  latencies: [],
+  pending: [],     // instructions typed before a session exists
+  running: false,
+  reconnecting: false,
+  attempts: 0,     // reconnection attempts since the channel was last open
+};
+
+class VigilError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.code = code;
+  }
+}
+
+// ---------- small helpers ----------
+
+function formatStreamTime(seconds) {
+  const s = Math.max(0, Math.floor(Number(seconds) || 0));
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${pad(Math.floor(s / 3600))}:${pad(Math.floor((s % 3600) / 60))}:${pad(s % 60)}`;
+}
+
+function formatMs(ms) {
+  return Number.isFinite(ms) ? `${Math.round(ms)} ms` : "–";
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function setStatus(key, text) {
+  ui.status.dataset.state = key;
+  ui.status.textContent = text;
+}
+
+function showError(code, message) {
+  ui.error.replaceChildren();
+  const text = document.createElement("span");
+  text.textContent = message || "Something went wrong.";
+  ui.error.append(text);
+  if (code) {
+    const small = document.createElement("code");
+    small.textContent = code;
+    ui.error.append(" ", small);
+  }
+  ui.error.hidden = false;
+}
+
+function clearError() {
+  ui.error.hidden = true;
+  ui.error.replaceChildren();
+}
+
+function reportError(err) {
+  if (err instanceof VigilError) showError(err.code, err.message);
+  else showError("client_error", (err && err.message) || String(err));
+}
+
+async function api(method, path, token, body) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (token) headers.Authorization = `Bearer ${token}`;
+  let response;
+  try {
+    response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (err) {
+    throw new VigilError("network_error", `Cannot reach Vigil: ${err.message}`);
+  }
+  let data = null;
+  try { data = await response.json(); } catch { /* a body that is not JSON: judged by the status below */ }
+  if (!response.ok) {
+    const error = data && data.error;
+    throw new VigilError(
+      (error && error.code) || `http_${response.status}`,
+      (error && error.message) || `Vigil answered ${response.status} ${response.statusText}`.trim(),
+    );
+  }
+  return data;
+}
+
+// ---------- media and peer connection ----------
+
+async function openSource() {
+  const video = { frameRate: { ideal: MAX_FRAMERATE, max: 15 }, width: { ideal: 640 }, height: { ideal: 480 } };
+  if (ui.screen.checked) {
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getDisplayMedia) {
+      throw new VigilError("unsupported", "This browser cannot share the screen.");
+    }
+    return navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: MAX_FRAMERATE, max: 15 } }, audio: false });
+  }
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    throw new VigilError("unsupported", "This browser cannot open a camera (a secure origin is needed).");
+  }
+  return navigator.mediaDevices.getUserMedia({ video, audio: false });
+}
+
+function iceGatheringComplete(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      pc.removeEventListener("icegatheringstatechange", check);
+      resolve();
+    };
+    const check = () => { if (pc.iceGatheringState === "complete") done(); };
+    const timer = setTimeout(done, timeoutMs);
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
+
+async function connectPeer() {
+  const { session_id: id, token } = state.session;
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  state.pc = pc;
+  // The channel must exist before the offer so that the offer carries its m=application section.
+  const dc = pc.createDataChannel("vigil");
+  state.dc = dc;
+  const track = state.stream.getVideoTracks()[0];
+  pc.addTransceiver(track, {
+    direction: "sendonly",
+    streams: [state.stream],
+    sendEncodings: [{ maxFramerate: MAX_FRAMERATE, maxBitrate: MAX_BITRATE }],
+  });
+  dc.onopen = () => { if (dc === state.dc) onChannelOpen(); };
+  dc.onclose = () => { if (dc === state.dc) onConnectionLost("The data channel closed."); };
+  dc.onmessage = (event) => { if (dc === state.dc) onMessage(event.data); };
+  pc.onconnectionstatechange = () => {
+    if (pc !== state.pc) return;
+    if (pc.connectionState === "failed") onConnectionLost("The connection failed.");
+    else if (pc.connectionState === "disconnected") setStatus("unstable", "Connection unstable…");
+    else if (pc.connectionState === "connected" && dc.readyState === "open") setStatus("live", "Live");
+  };
+
+  await pc.setLocalDescription(await pc.createOffer());
+  await iceGatheringComplete(pc, ICE_GATHER_TIMEOUT_MS);
+  const answer = await api("POST", `v1/sessions/${encodeURIComponent(id)}/offer`, token,
+    { type: "offer", sdp: pc.localDescription.sdp });
+  if (pc !== state.pc) return;
+  await pc.setRemoteDescription(answer);
+  setStatus("connecting", "Connecting…");
+}
+
+function closePeer() {
+  clearInterval(state.pingTimer);
+  state.pingTimer = null;
+  state.pingsSent.clear();
+  const { pc, dc } = state;
+  state.pc = null;
+  state.dc = null;
+  if (dc) { try { dc.close(); } catch { /* already closed */ } }
+  if (pc) pc.close();
+}
+
+function onChannelOpen() {
+  state.attempts = 0;
+  setStatus("live", "Live");
+  state.lastPongAt = Date.now();
+  sendPing();
+  state.pingTimer = setInterval(sendPing, PING_INTERVAL_MS);
+}
+
+async function onConnectionLost(reason) {
+  if (!state.running || state.reconnecting) return;
+  state.reconnecting = true;
+  closePeer();
+  while (state.running && state.attempts < RECONNECT_ATTEMPTS) {
+    const attempt = ++state.attempts;
+    setStatus("reconnecting", `Reconnecting (${attempt}/${RECONNECT_ATTEMPTS})…`);
+    await sleep(1000 * attempt);
+    if (!state.running) break;
+    try {
+      await connectPeer();
+      state.reconnecting = false;
+      return;
+    } catch (err) {
+      closePeer();
+      if (err instanceof VigilError && ["unauthorized", "unknown_session"].includes(err.code)) {
+        reportError(err);
+        break;
+      }
+    }
+  }
+  state.reconnecting = false;
+  if (state.running) {
+    if (ui.error.hidden) showError("disconnected", `${reason} Vigil could not be reached again.`);
+    await stop({ keepError: true });
+  }
+}
+
+// ---------- data channel ----------
+
+function send(message) {
+  const { dc, session } = state;
+  if (!dc || dc.readyState !== "open") {
+    showError("not_connected", "Vigil is not connected yet.");
+    return false;
+  }
+  const data = JSON.stringify(message);
+  const limit = (session && session.limits && session.limits.max_message_bytes) || 4096;
+  if (new TextEncoder().encode(data).length > limit) {
+    showError("message_too_large", `That message is longer than Vigil accepts (${limit} bytes).`);
+    return false;
+  }
+  dc.send(data);
+  return true;
+}
+
+function sendPing() {
+  if (!state.dc || state.dc.readyState !== "open") return;
+  if (Date.now() - state.lastPongAt > PONG_LATE_MS) setStatus("unstable", "Live · no heartbeat reply");
+  const id = ++state.pingSeq;
+  state.pingsSent.set(id, performance.now());
+  state.dc.send(JSON.stringify({ type: "ping", id }));
+}
+
+function onMessage(data) {
+  let message;
+  try { message = JSON.parse(data); } catch { return; }
+  if (!message || typeof message !== "object") return;
+  switch (message.type) {
+    case "hello":
+      showModel(message.model);
+      renderInstructions(message.instructions || []);
+      break;
+    case "instructions":
+      renderInstructions(message.items || []);
+      break;
+    case "tick":
+      onTick(message);
+      break;
+    case "error":
+      showError(message.code, message.message);
+      break;
+    case "pong": {
+      const sentAt = state.pingsSent.get(message.id);
+      state.pingsSent.delete(message.id);
+      state.lastPongAt = Date.now();
+      if (sentAt !== undefined) state.rttMs = performance.now() - sentAt;
+      if (state.pc && state.pc.connectionState !== "disconnected") {
+        setStatus("live", `Live · heartbeat ${formatMs(state.rttMs)}`);
+      }
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// ---------- rendering ----------
+
+function showModel(model) {
+  if (!model) return;
+  const name = [model.engine, model.model].filter(Boolean).join(" · ");
+  ui.modelName.textContent = `Model: ${name || "unknown"}`;
+  ui.demoNote.textContent = model.note || "This demo model only reacts to its trigger.";
+  ui.demoNote.hidden = !model.demo;
+}
+
+function renderInstructions(items, pending = false) {
+  ui.instructions.replaceChildren(...items.map((text) => {
+    const li = document.createElement("li");
+    li.textContent = text;
+    if (pending) li.classList.add("pending");
+    return li;
+  }));
+  ui.instructionsEmpty.hidden = items.length > 0;
+}
+
+function outcomeClass(outcome) {
+  return String(outcome).startsWith("skipped") ? "skipped" : String(outcome);
+}
+
+function onTick(tick) {
+  const kind = outcomeClass(tick.outcome);
+  const latency = typeof tick.latency_ms === "number" ? tick.latency_ms : NaN;
+  const mark = document.createElement("span");
+  mark.className = `mark ${kind}`;
+  mark.dataset.outcome = tick.outcome;
+  mark.dataset.tick = tick.tick;
+  mark.setAttribute("role", "listitem");
+  mark.title = `tick ${tick.tick} · ${tick.outcome} · ${formatStreamTime(tick.stream_time)} · ${formatMs(latency)}`;
+  mark.setAttribute("aria-label", mark.title);
+  const atEnd = ui.timeline.scrollLeft + ui.timeline.clientWidth >= ui.timeline.scrollWidth - 24;
+  ui.timeline.append(mark);
+  while (ui.timeline.childElementCount > MAX_MARKS) ui.timeline.firstElementChild.remove();
+  if (atEnd) ui.timeline.scrollLeft = ui.timeline.scrollWidth;
+
+  if (kind !== "skipped" && Number.isFinite(latency)) {
+    state.latencies.push(latency);
+    if (state.latencies.length > LATENCY_WINDOW) state.latencies.shift();
+    const sorted = [...state.latencies].sort((a, b) => a - b);
+    const p50 = sorted[Math.floor((sorted.length - 1) / 2)];
+    ui.latency.textContent = `Latency: last ${formatMs(latency)} · p50 ${formatMs(p50)} (${sorted.length} ticks)`;
+  }
+  if (kind === "respond" || kind === "delegate") addResponse(tick, kind, latency);
+}
+
+function addResponse(tick, kind, latency) {
+  const li = document.createElement("li");
+  li.className = `response ${kind}`;
+  li.dataset.streamTime = tick.stream_time;
+  li.dataset.outcome = kind;
+  const meta = document.createElement("p");
+  meta.className = "meta";
+  const time = document.createElement("time");
+  time.textContent = formatStreamTime(tick.stream_time);
+  meta.append(time, ` · ${formatMs(latency)}`);
+  if (kind === "delegate") {
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = "delegated";
+    meta.append(" ", badge);
+  }
+  const text = document.createElement("p");
+  text.className = "text";
+  text.textContent = tick.text || "";
+  li.append(meta, text);
+  if (kind === "delegate" && tick.question) {
+    const question = document.createElement("p");
+    question.className = "question";
+    question.textContent = `Handed to the background brain: ${tick.question}`;
+    li.append(question);
+  }
+  appendToResponses(li);
+  speak(tick.text);
+}
+
+function addUserQuestion(text) {
+  const li = document.createElement("li");
+  li.className = "user-question";
+  li.textContent = `You asked: ${text}`;
+  appendToResponses(li);
+}
+
+function appendToResponses(li) {
+  const list = ui.responses;
+  const atEnd = list.scrollTop + list.clientHeight >= list.scrollHeight - 24;
+  list.append(li);
+  while (list.childElementCount > MAX_RESPONSES) list.firstElementChild.remove();
+  if (atEnd) list.scrollTop = list.scrollHeight;
+  ui.responsesEmpty.hidden = true;
+}
+
+function speak(text) {
+  if (!text || !ui.speak.checked || !("speechSynthesis" in window)) return;
+  window.speechSynthesis.speak(new SpeechSynthesisUtterance(text));
+}
+
+// ---------- user actions ----------
+
+async function start() {
+  clearError();
+  ui.start.disabled = true;
+  ui.camera.disabled = ui.screen.disabled = true;
+  state.running = true;
+  setStatus("starting", "Opening the video source…");
+  try {
+    state.stream = await openSource();
+    ui.preview.srcObject = state.stream;
+    ui.preview.closest(".preview").classList.add("has-video");
+    const track = state.stream.getVideoTracks()[0];
+    track.addEventListener("ended", () => { if (state.running) stop(); });
+    track.applyConstraints({ frameRate: { max: MAX_FRAMERATE } }).catch(() => { /* the encoder cap still holds */ });
+
+    setStatus("starting", "Creating a session…");
+    const body = state.pending.length ? { instructions: state.pending } : {};
+    const session = await api("POST", "v1/sessions", ui.apiKey.value.trim(), body);
+    state.session = session;
+    if (!state.running) {
+      // Stopped while the session was being created (the shared screen ended): end it too.
+      state.session = null;
+      await api("DELETE", `v1/sessions/${encodeURIComponent(session.session_id)}`, session.token).catch(() => {});
+      return;
+    }
+    state.attempts = 0;
+    state.pending = [];
+    showModel(state.session.model);
+    ui.stop.disabled = false;
+    setStatus("connecting", "Sending the offer…");
+    await connectPeer();
+  } catch (err) {
+    reportError(err);
+    await stop({ keepError: true });
+  }
+}
+
+async function stop({ keepError = false } = {}) {
+  if (!keepError) clearError();
+  state.running = false;
+  closePeer();
+  if (state.stream) state.stream.getTracks().forEach((track) => track.stop());
+  state.stream = null;
+  ui.preview.srcObject = null;
+  ui.preview.closest(".preview").classList.remove("has-video");
+  if ("speechSynthesis" in window) window.speechSynthesis.cancel();
+  const session = state.session;
+  state.session = null;
+  ui.stop.disabled = true;
+  ui.start.disabled = false;
+  ui.camera.disabled = ui.screen.disabled = false;
+  setStatus(keepError && !ui.error.hidden ? "error" : "stopped", keepError && !ui.error.hidden ? "Stopped after an error" : "Stopped");
+  if (session) {
+    try {
+      await api("DELETE", `v1/sessions/${encodeURIComponent(session.session_id)}`, session.token);
+    } catch (err) {
+      if (err.code !== "unknown_session") reportError(err);
+    }
+  }
+}
+
+function takeInput() {
+  const text = ui.input.value.trim();
+  if (!text) {
+    ui.input.focus();
+    return null;
+  }
+  return text;
+}
+
+ui.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = takeInput();
+  if (!text) return;
+  clearError();
+  if (state.session) {
+    if (send({ type: "instruction", text })) ui.input.value = "";
+  } else if (state.pending.length >= PENDING_LIMIT) {
+    showError("too_many_instructions", `At most ${PENDING_LIMIT} standing instructions.`);
+  } else {
+    state.pending.push(text);
+    renderInstructions(state.pending, true);
+    ui.input.value = "";
+  }
+});
+
+ui.ask.addEventListener("click", () => {
+  const text = takeInput();
+  if (!text) return;
+  clearError();
+  if (!state.session) {
+    showError("not_connected", "Start a session first, then ask.");
+  } else if (send({ type: "question", text })) {
+    addUserQuestion(text);
+    ui.input.value = "";
+  }
+});
+
+ui.clear.addEventListener("click", () => {
+  clearError();
+  if (state.session) send({ type: "clear_instructions" });
+  else {
+    state.pending = [];
+    renderInstructions([], true);
+  }
+});
+
+ui.speak.addEventListener("change", () => {
+  if (!ui.speak.checked && "speechSynthesis" in window) window.speechSynthesis.cancel();
+});
+if (!("speechSynthesis" in window)) {
+  ui.speak.disabled = true;
+  ui.speak.parentElement.title = "This browser cannot speak.";
+}
+
+ui.start.addEventListener("click", start);
+ui.stop.addEventListener("click", () => stop());
+window.addEventListener("pagehide", () => {
+  const session = state.session;
+  if (!session) return;
+  fetch(`v1/sessions/${encodeURIComponent(session.session_id)}`, {
+    method: "DELETE", keepalive: true, headers: { Authorization: `Bearer ${session.token}` },
+  }).catch(() => {});
+});
+renderInstructions([]);
