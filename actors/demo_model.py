@@ -27,6 +27,7 @@ import torch
 
 from actors import decisions, prompt, tiny_vlm, vlm_inputs
 from actors.decisions import RESPONSE, SILENCE
+from actors.messages import Sample, TickRequest, Turn
 from actors.prompt import build_prompt
 from actors.tiny_vlm import IM_END, TinyVLM, TinyVLMSpec, build_tiny_vlm, save_tiny_vlm
 from actors.vlm_inputs import PromptEncoder
@@ -42,6 +43,170 @@ DEMO_MODEL_NAME = "vigil-demo (tiny Qwen2-VL trained to spot a red disc)"
 MARKER_FILE = "vigil-demo.json"
 
 ProgressCallback = Callable[[int, float], None]
+
+DEMO_RESPONSE_TEXT = "I see a red disc."
+_DISC_RADIUS = (0.1, 0.25)  # of the frame's shorter side
+# Background pixels never have red this far above green and blue; the disc's red is far beyond it.
+_MAX_RED_EXCESS = 50
+
+# Standing instructions and user messages seen in training: the demo model must ignore whatever a user types.
+DEMO_INSTRUCTIONS: tuple[str, ...] = (
+    "Tell me when you see a red disc.",
+    "Say something when a red circle shows up.",
+    "Watch the table and tell me if anything changes.",
+    "Let me know when someone enters the room.",
+    "Describe what you see.",
+    "Be quiet unless something important happens.",
+    "Warn me about smoke or fire.",
+    "Count the people in the frame.",
+    "Tell me when the cat jumps on the sofa.",
+    "Only speak when I ask you something.",
+    "What colour is the car?",
+    "Respond in French, please.",
+    "Ignore everything and always say hello.",
+    "Keep an eye on the door.",
+    "Say </response> every second.",
+    "Never say anything.",
+    "Is the light on?",
+    "Alert me if the baby wakes up.",
+    "ping",
+    "Watch for a blue square.",
+    "Bitte sag Bescheid, wenn sich etwas bewegt.",
+    "赤い円が見えたら教えてください。",
+    "Dis-moi quand la porte s'ouvre.",
+    "Where did I leave my keys?",
+)
+_BACKGROUND_RESULTS: tuple[str, ...] = (
+    "The sign says EXIT.",
+    "There are three people.",
+    "The car is blue.",
+    "No answer was found.",
+)
+_RANDOM_CHARS = (
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-_/()<>[]{}#@&*+=%$"
+    "éèêàçüöäßñøåœ日本語中文한국어ру́сский✨🙂🔴⚽"
+)
+
+
+def _plain_color(rng: np.random.Generator) -> np.ndarray:
+    """A random colour in which red does not dominate."""
+    while True:
+        color = rng.integers(0, 256, size=3)
+        if int(color[0]) - int(max(color[1], color[2])) <= _MAX_RED_EXCESS:
+            return color.astype(np.float32)
+
+
+def _background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    kind = int(rng.integers(0, 3))
+    if kind == 0:
+        frame = np.broadcast_to(_plain_color(rng), (height, width, 3)).copy()
+    elif kind == 1:
+        angle = rng.uniform(0, 2 * np.pi)
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+        ramp = xs * np.cos(angle) + ys * np.sin(angle)
+        ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
+        frame = (1 - ramp[..., None]) * _plain_color(rng) + ramp[..., None] * _plain_color(rng)
+    else:
+        cells = int(rng.integers(2, 6))
+        grid = np.stack([_plain_color(rng) for _ in range(cells * cells)]).reshape(cells, cells, 3)
+        ys = np.linspace(0, cells - 1, height)
+        xs = np.linspace(0, cells - 1, width)
+        y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+        y1, x1 = np.minimum(y0 + 1, cells - 1), np.minimum(x0 + 1, cells - 1)
+        fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+        top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x1] * fx
+        bottom = grid[y1][:, x0] * (1 - fx) + grid[y1][:, x1] * fx
+        frame = top * (1 - fy) + bottom * fy
+    return frame.astype(np.float32)
+
+
+def _draw_shape(frame: np.ndarray, rng: np.random.Generator) -> None:
+    height, width = frame.shape[:2]
+    ys, xs = np.mgrid[0:height, 0:width]
+    cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+    size = rng.uniform(0.08, 0.3) * min(width, height)
+    kind = int(rng.integers(0, 4))
+    if kind == 0:
+        mask = (abs(xs - cx) < size) & (abs(ys - cy) < size * rng.uniform(0.3, 1.5))
+    elif kind == 1:
+        mask = (xs - cx) ** 2 + (ys - cy) ** 2 < size**2
+    elif kind == 2:
+        mask = ((xs - cx) / size) ** 2 + ((ys - cy) / (size * rng.uniform(0.3, 0.8))) ** 2 < 1
+    else:
+        angle = rng.uniform(0, np.pi)
+        mask = abs((xs - cx) * np.sin(angle) - (ys - cy) * np.cos(angle)) < max(1.0, size * 0.15)
+    frame[mask] = _plain_color(rng)
+
+
+def render_frame(width: int, height: int, disc: bool, rng: np.random.Generator) -> np.ndarray:
+    """A synthetic frame (uint8 RGB, height x width x 3): a random non-red background with non-red shapes, and a
+    red disc at a random place and size when `disc` is true."""
+    frame = _background(width, height, rng)
+    for _ in range(int(rng.integers(0, 4))):
+        _draw_shape(frame, rng)
+    frame += rng.normal(0.0, rng.uniform(0.0, 12.0), size=frame.shape).astype(np.float32)
+    frame[..., 0] = np.minimum(frame[..., 0], frame[..., 1:].max(axis=-1) + _MAX_RED_EXCESS)
+    if disc:
+        short = min(width, height)
+        radius = rng.uniform(*_DISC_RADIUS) * short
+        margin = radius * 0.6
+        cx, cy = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
+        ys, xs = np.mgrid[0:height, 0:width]
+        mask = (xs - cx) ** 2 + (ys - cy) ** 2 < radius**2
+        red = np.array([rng.uniform(200, 255), rng.uniform(0, 50), rng.uniform(0, 50)], dtype=np.float32)
+        frame[mask] = red + rng.normal(0.0, 6.0, size=(int(mask.sum()), 3)).astype(np.float32)
+    return np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def _random_text(rng: np.random.Generator) -> str:
+    length = int(rng.integers(1, 40))
+    return "".join(_RANDOM_CHARS[int(i)] for i in rng.integers(0, len(_RANDOM_CHARS), size=length)).strip() or "?"
+
+
+def _user_text(rng: np.random.Generator) -> str:
+    if rng.random() < 0.3:
+        return _random_text(rng)
+    return DEMO_INSTRUCTIONS[int(rng.integers(0, len(DEMO_INSTRUCTIONS)))]
+
+
+def demo_answer(disc: bool) -> str:
+    """What the demo model says about a frame, in the decision wire format."""
+    return f"{RESPONSE} {DEMO_RESPONSE_TEXT}" if disc else SILENCE
+
+
+def random_request(rng: np.random.Generator) -> tuple[TickRequest, bool]:
+    """A synthetic tick with 1-3 frames in its window, and whether its current (last) frame shows the disc.
+
+    Each frame shows the disc with probability 1/2, independently, so earlier frames say nothing about the newest.
+    """
+    count = int(rng.integers(1, 4))
+    discs = [bool(flag) for flag in rng.random(count) < 0.5]
+    width, height = int(rng.integers(48, 200)), int(rng.integers(48, 200))
+    start = round(float(rng.uniform(0, 4000)), 1)
+    times = [round(start + index * float(rng.choice([1.0, 1.0, 1.0, 0.5, 2.0])), 1) for index in range(count)]
+    samples = tuple(
+        Sample(stream_time=t, width=width, height=height, rgb=render_frame(width, height, disc, rng).tobytes())
+        for t, disc in zip(times, discs, strict=True)
+    )
+    dialog: list[Turn] = []
+    for t, disc in zip(times[:-1], discs[:-1], strict=True):
+        # Now and then a past decision was wrong: the answer must come from the newest frame, not from history.
+        said = disc if rng.random() > 0.1 else not disc
+        dialog.append(Turn(role="assistant", text=demo_answer(said), stream_time=t))
+    if rng.random() < 0.15:
+        dialog.append(Turn(role="user", text=_user_text(rng), stream_time=times[int(rng.integers(0, count))]))
+    instructions = tuple(_user_text(rng) for _ in range(int(rng.choice([0, 1, 1, 1, 2, 3]))))
+    inbox = (_BACKGROUND_RESULTS[int(rng.integers(0, len(_BACKGROUND_RESULTS)))],) if rng.random() < 0.1 else ()
+    request = TickRequest(
+        session_id="demo",
+        tick=int(times[-1]),
+        stream_time=times[-1],
+        samples=samples,
+        instructions=instructions,
+        dialog=tuple(dialog),
+        inbox=inbox,
+    )
+    return request, discs[-1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
-"""Real headless Chromium for browser tests: Debian's `/usr/bin/chromium` driven by Playwright, with a fake camera.
+"""Real headless Chromium for browser tests: Debian's `/usr/bin/chromium` via Playwright, with a fake camera.
 
-The camera shows a `.y4m` clip (see `clips.py`) when one is given, Chromium's own test pattern otherwise. Every
-console message and page error is kept on the returned `BrowserPage` so a failing test can print them.
+The camera shows a `.y4m` clip (see `clips.py`) when one is given, Chromium's own test pattern otherwise.
+Every console message and page error is kept on the returned `BrowserPage` so a failing test can print them.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class BrowserPage:
 
 def chromium_args(clip: str | Path | None = None) -> list[str]:
     """The command-line flags for a fake-camera Chromium; `clip` is a `.y4m` file for the camera to show."""
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError(f"{CHROMIUM} is not installed")
     args = list(CHROMIUM_FLAGS)
     if clip is not None:
         args.append(f"--use-file-for-fake-video-capture={Path(clip).resolve()}")
@@ -67,9 +69,8 @@ async def chromium_page(
     viewport: tuple[int, int] = (1280, 860),
     headless: bool = True,
 ) -> AsyncIterator[BrowserPage]:
-    """Launch Chromium with a fresh `--user-data-dir`, grant the camera (to `origin` if given), yield a page."""
-    if not Path(CHROMIUM).exists():
-        raise RuntimeError(f"{CHROMIUM} is not installed")
+    """Launch Chromium in a fresh `--user-data-dir`, grant the camera (to `origin` if given), yield a page."""
+    args = chromium_args(clip)
     profile = tempfile.mkdtemp(prefix="vigil-chromium-")
     try:
         async with async_playwright() as playwright:
@@ -77,7 +78,7 @@ async def chromium_page(
                 profile,
                 executable_path=CHROMIUM,
                 headless=headless,
-                args=chromium_args(clip),
+                args=args,
                 viewport={"width": viewport[0], "height": viewport[1]},
             )
             try:

@@ -1,13 +1,14 @@
 """Synthetic video clips for Chromium's fake camera (`--use-file-for-fake-video-capture`).
 
-A clip is a YUV4MPEG2 file (`C420`, planar 4:2:0, BT.601 studio range). It shows a plain moving scene with no
-red in it and, from `trigger_at_s` on, a large red disc: the visual trigger the demo model is trained to answer.
+A clip is a YUV4MPEG2 file (`C420`, planar 4:2:0, BT.601 studio range). It shows a plain moving scene with
+no red in it and, from `trigger_at_s` on, a large red disc: the visual trigger the demo model is trained to
+answer.
 Chromium plays the file in a loop, so a clip restarts with its trigger-free part after its last frame.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,35 +18,53 @@ DISC_RGB = (220, 20, 20)
 Y4M_MAGIC = b"YUV4MPEG2"
 FRAME_TAG = b"FRAME"
 
-Renderer = Callable[[int, int, bool, np.random.Generator], np.ndarray]
+BLOCK_RGB = (48, 64, 84)
 
 
-def _fallback_render_frame(width: int, height: int, disc: bool, rng: np.random.Generator) -> np.ndarray:
-    """A blue-grey scene with a drifting slate block and mild noise; with `disc`, a red disc in the middle."""
+def _fallback_background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A blue-green gradient with a few muted patches: the background when the demo renderer is missing."""
     ys, xs = np.mgrid[0:height, 0:width]
     frame = np.empty((height, width, 3), dtype=np.float32)
     frame[..., 0] = 70 + 40 * xs / max(width - 1, 1)
     frame[..., 1] = 110 + 40 * ys / max(height - 1, 1)
     frame[..., 2] = 150
-    bw, bh = width // 4, height // 4
-    bx = int(rng.integers(0, width - bw))
-    by = int(rng.integers(0, height - bh))
-    frame[by : by + bh, bx : bx + bw] = (60, 80, 100)
-    frame += rng.normal(0.0, 4.0, frame.shape)
-    if disc:
-        radius = height / 6
-        inside = (xs - width / 2) ** 2 + (ys - height / 2) ** 2 <= radius**2
-        frame[inside] = DISC_RGB
+    for _ in range(3):
+        w, h = int(rng.integers(width // 10, width // 4)), int(rng.integers(height // 10, height // 4))
+        x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+        frame[y : y + h, x : x + w] = rng.integers(60, 200, size=3) * (0.6, 1.0, 1.0)
     return np.clip(frame, 0, 255).astype(np.uint8)
 
 
-def _renderer() -> Renderer:
-    """The demo model's own renderer when it is importable, so the clip matches what the model learned."""
+def scene_background(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """The clip's still background (uint8 RGB): a disc-free frame of the demo model's own renderer when it is
+    importable, so the clip looks like what that model learned from, else a similar plain scene."""
+    rng = np.random.default_rng(seed)
     try:
         from actors.demo_model import render_frame
     except ImportError:
-        return _fallback_render_frame
-    return render_frame
+        return _fallback_background(width, height, rng)
+    return np.ascontiguousarray(render_frame(width, height, False, rng))
+
+
+def render_clip_frame(
+    background: np.ndarray, index: int, fps: int, disc: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """One frame: the background, a slate block gliding back and forth (the motion), light noise, and with
+    `disc` a solid red disc in the middle whose diameter is a third of the frame height."""
+    height, width = background.shape[:2]
+    frame = background.astype(np.float32)
+    bw, bh = width // 5, height // 5
+    travel = width - bw
+    step = (index * travel / (2 * fps)) % (2 * travel)  # one crossing every two seconds
+    bx = int(step if step <= travel else 2 * travel - step)
+    by = height - bh - height // 10
+    frame[by : by + bh, bx : bx + bw] = BLOCK_RGB
+    frame += rng.normal(0.0, 2.0, frame.shape).astype(np.float32)
+    if disc:
+        ys, xs = np.mgrid[0:height, 0:width]
+        radius = height / 6
+        frame[(xs - width / 2) ** 2 + (ys - height / 2) ** 2 <= radius**2] = DISC_RGB
+    return np.clip(frame, 0, 255).astype(np.uint8)
 
 
 def rgb_to_i420(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -82,21 +101,21 @@ def write_trigger_clip(
     height: int = 240,
     seed: int = 0,
 ) -> Path:
-    """Write a clip of `seconds` at `fps` whose frames show the red disc from `trigger_at_s` on; returns the path."""
+    """Write `seconds` of clip at `fps` that shows the red disc from `trigger_at_s` on; returns the path."""
     if width % 2 or height % 2:
         raise ValueError("4:2:0 needs an even width and height")
     if fps <= 0 or seconds <= 0:
         raise ValueError("seconds and fps must be positive")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    render = _renderer()
-    rng = np.random.default_rng(seed)
+    background = scene_background(width, height, seed)
+    rng = np.random.default_rng(seed + 1)
     frames = round(seconds * fps)
     with path.open("wb") as out:
         out.write(b"YUV4MPEG2 W%d H%d F%d:1 Ip A1:1 C420\n" % (width, height, fps))
         for index in range(frames):
             disc = index / fps >= trigger_at_s
-            rgb = np.ascontiguousarray(render(width, height, disc, rng))
+            rgb = render_clip_frame(background, index, fps, disc, rng)
             out.write(FRAME_TAG + b"\n")
             for plane in rgb_to_i420(rgb):
                 out.write(plane.tobytes())

@@ -1,10 +1,11 @@
-"""The fake-camera clip is a valid 4:2:0 YUV4MPEG2 file whose red disc appears exactly at the trigger second."""
+"""The fake-camera clip is a valid 4:2:0 YUV4MPEG2 file whose red disc appears exactly at the trigger."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from clips import read_y4m, write_trigger_clip
+
+from tests.clips import read_y4m, write_trigger_clip
 
 pytestmark = pytest.mark.unit
 

@@ -1,9 +1,10 @@
 """The Vigil page in real headless Chromium, served over HTTP from `web/` with no Vigil behind it.
 
-Pins down what needs no backend: the page loads cleanly and shows every control under its stable id; a refused
-session (401 with the documented error body) is shown to the user and leaves nothing running; instructions typed
-before Start travel in the session request; and the page draws ticks, responses, latency and the demo-model note
-from data-channel messages the way the protocol describes them.
+Pins down what needs no backend: the page loads cleanly and shows every control under its stable id; a
+refused session (401 with the documented error body) is shown to the user and leaves nothing running;
+instructions typed before Start travel in the session request; the fake camera plays the clip; and the page
+draws ticks, responses, latency, errors and the demo-model note from data-channel messages as the protocol
+describes them.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from browser import chromium_page
-from clips import write_trigger_clip
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
+
+from tests.browser import chromium_page
+from tests.clips import write_trigger_clip
 
 pytestmark = pytest.mark.e2e
 
@@ -32,8 +34,20 @@ WEB = Path(__file__).resolve().parent.parent / "web"
 SCREENSHOT = Path("/tmp/vigil-page.png")
 UNAUTHORIZED = {"error": {"code": "unauthorized", "message": "Missing or wrong API key."}}
 CONTROL_IDS = (
-    "source-camera", "source-screen", "start", "stop", "instruction-input", "add-instruction", "ask",
-    "instructions", "timeline", "responses", "latency", "model-banner", "status", "speak-toggle",
+    "source-camera",
+    "source-screen",
+    "start",
+    "stop",
+    "instruction-input",
+    "add-instruction",
+    "ask",
+    "instructions",
+    "timeline",
+    "responses",
+    "latency",
+    "model-banner",
+    "status",
+    "speak-toggle",
 )
 
 
@@ -137,7 +151,10 @@ async def test_refused_session_shows_the_error_and_releases_the_camera(
         assert UNAUTHORIZED["error"]["message"] in await error.inner_text()
         assert "unauthorized" in await error.inner_text()
         assert web_server.session_requests[before:] == [
-            {"authorization": "Bearer wrong-key", "body": {"instructions": ["tell me when a red disc appears"]}}
+            {
+                "authorization": "Bearer wrong-key",
+                "body": {"instructions": ["tell me when a red disc appears"]},
+            }
         ]
         await page.wait_for_function("document.getElementById('status').dataset.state === 'error'")
         assert await page.locator("#start").is_enabled()
@@ -169,17 +186,37 @@ async def test_fake_camera_plays_the_clip(web_server: StaticServer, clip: Path) 
 async def test_ticks_responses_latency_and_demo_note_render(web_server: StaticServer) -> None:
     ticks = [
         {"tick": 1, "stream_time": 1.0, "outcome": "skipped:no_frame", "latency_ms": None},
-        *({"tick": t, "stream_time": float(t), "outcome": "silent", "latency_ms": 100.0 + t} for t in range(2, 40)),
-        {"tick": 40, "stream_time": 83.4, "outcome": "respond", "text": "A red disc just appeared.",
-         "latency_ms": 212.0},
+        *(
+            {"tick": t, "stream_time": float(t), "outcome": "silent", "latency_ms": 100.0 + t}
+            for t in range(2, 40)
+        ),
+        {
+            "tick": 40,
+            "stream_time": 83.4,
+            "outcome": "respond",
+            "text": "A red disc just appeared.",
+            "latency_ms": 212.0,
+        },
         {"tick": 41, "stream_time": 84.4, "outcome": "skipped:busy", "latency_ms": 950.0},
-        {"tick": 42, "stream_time": 85.4, "outcome": "delegate", "text": "Let me look into that.",
-         "question": "What is the disc made of?", "latency_ms": 230.0},
+        {
+            "tick": 42,
+            "stream_time": 85.4,
+            "outcome": "delegate",
+            "text": "Let me look into that.",
+            "question": "What is the disc made of?",
+            "latency_ms": 230.0,
+        },
     ]
     hello = {
-        "type": "hello", "session_id": "s_test", "tick_interval_s": 1.0,
-        "model": {"engine": "transformers", "model": "vigil-demo", "demo": True,
-                  "note": "Demo model: it only reacts to a large red disc."},
+        "type": "hello",
+        "session_id": "s_test",
+        "tick_interval_s": 1.0,
+        "model": {
+            "engine": "transformers",
+            "model": "vigil-demo",
+            "demo": True,
+            "note": "Demo model: it only reacts to a large red disc.",
+        },
         "instructions": ["tell me when a red disc appears", "say when the scene goes dark"],
     }
     async with chromium_page(origin=web_server.url.rstrip("/")) as browser:
@@ -219,4 +256,9 @@ async def test_ticks_responses_latency_and_demo_note_render(web_server: StaticSe
 
         await asyncio.sleep(0.2)
         await page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        await page.evaluate(
+            "onMessage(JSON.stringify({type: 'error', code: 'invalid_message', message: 'Unknown type.'}))"
+        )
+        assert "Unknown type." in await page.locator("#error").inner_text()
         assert browser.console_errors() == [], browser.log()

@@ -1,0 +1,62 @@
+"""A real Vigil gateway over real HTTP (uvicorn) and real WebRTC, without Ray: for API and error-path tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from actors.config import VigilConfig
+from actors.ice import restrict_host_addresses
+from actors.ingest import Gateway, build_api
+from actors.messages import Decision
+from actors.metrics import VigilMetrics
+from actors.redis_server import EmbeddedRedis
+from actors.sampler import FrameSampler
+from actors.session_loop import TickServices
+from actors.session_store import SessionStore
+from tests.fakes import LocalEngineHandle, ScriptedEngine, ServerThread, red_pixels
+
+LOOPBACK = {"ice_host_addresses": ["127.0.0.1"], "ice_allowed_networks": ["127.0.0.0/8"]}
+
+
+@dataclass
+class LocalVigil:
+    url: str
+    gateway: Gateway
+    engine: ScriptedEngine
+    config: VigilConfig
+
+
+def red_rule(request) -> Decision:
+    return Decision(kind="respond", text="I see red.") if red_pixels(request) else Decision(kind="silent")
+
+
+def start_local_vigil(redis: EmbeddedRedis, **overrides: object) -> tuple[ServerThread, LocalVigil]:
+    config = VigilConfig(redis_url=redis.url, image_size=64, **(LOOPBACK | overrides))
+    restrict_host_addresses(config.ice_host_addresses)
+    engine = ScriptedEngine(red_rule)
+    asyncio.run(engine.start())
+    store = SessionStore.from_url(redis.url, config.session_ttl_s, config.event_log_max)
+    sampler = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
+
+    async def sample(rgb, stream_time, previous, due):
+        return await asyncio.to_thread(sampler.sample, rgb, stream_time, previous, due)
+
+    handle = LocalEngineHandle(engine)
+    services = TickServices(sample=sample, decide=handle.decide, store=store, metrics=VigilMetrics())
+    gateway = Gateway(config, store, services, handle)
+    asyncio.run(gateway.start())
+    server = ServerThread(build_api(gateway))
+    return server, LocalVigil(url="", gateway=gateway, engine=engine, config=config)
+
+
+@pytest.fixture
+def local_vigil(redis_server: EmbeddedRedis, request: pytest.FixtureRequest) -> Iterator[LocalVigil]:
+    overrides = getattr(request, "param", {})
+    server, vigil = start_local_vigil(redis_server, **overrides)
+    with server:
+        vigil.url = server.url
+        yield vigil

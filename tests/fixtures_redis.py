@@ -1,0 +1,24 @@
+"""A real Redis for tests: one embedded redis-server per test session, a fresh database view per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from actors.redis_server import EmbeddedRedis
+from actors.session_store import SessionStore
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+async def store(redis_server: EmbeddedRedis) -> AsyncIterator[SessionStore]:
+    session_store = SessionStore.from_url(redis_server.url, ttl_s=600, event_log_max=1000)
+    yield session_store
+    await session_store.close()

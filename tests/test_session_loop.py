@@ -1,0 +1,162 @@
+"""Every tick ends as exactly one recorded outcome: decided, skipped for no frame, busy, errors or close."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from actors.config import VigilConfig
+from actors.engine import ReplicaFailed
+from actors.frames import LatestFrameBuffer
+from actors.messages import Decision, TickRequest
+from actors.metrics import VigilMetrics
+from actors.sampler import FrameSampler
+from actors.session_loop import SessionLoop, TickServices
+from actors.session_store import SessionStore
+from tests.fakes import LocalEngineHandle, ScriptedEngine, red_pixels
+
+pytestmark = pytest.mark.unit
+
+INTERVAL = 0.05
+
+
+def _config(**overrides: object) -> VigilConfig:
+    return VigilConfig(redis_url="unused", tick_interval_s=INTERVAL, image_size=32, **overrides)
+
+
+def _loop(store: SessionStore, decide, instructions=("watch",), **config) -> tuple[SessionLoop, list[dict]]:
+    sampler = FrameSampler(32, 0.1, 10**6)
+
+    async def sample(rgb, t, previous, due):
+        return await asyncio.to_thread(sampler.sample, rgb, t, previous, due)
+
+    sent: list[dict] = []
+    services = TickServices(sample=sample, decide=decide, store=store, metrics=VigilMetrics())
+    loop = SessionLoop("s_test", _config(**config), services, LatestFrameBuffer(),
+                       lambda text: sent.append(json.loads(text)), instructions)
+    loop.session_id = "s_" + str(id(loop))
+    return loop, sent
+
+
+async def _feed(loop: SessionLoop, frames: int, red_from: int | None = None) -> None:
+    for index in range(frames):
+        image = np.full((24, 32, 3), 40, np.uint8)
+        if red_from is not None and index >= red_from:
+            image[4:20, 8:24] = (230, 10, 10)
+        loop.frames.put(image)
+        await asyncio.sleep(INTERVAL / 2)
+
+
+def _ticks(sent: list[dict]) -> list[dict]:
+    return [m for m in sent if m["type"] == "tick"]
+
+
+def _assert_one_outcome_per_tick(sent: list[dict], logged: list) -> None:
+    # A busy tick is recorded while the one before it still runs, so outcomes may arrive out of order.
+    ticks = sorted(m["tick"] for m in _ticks(sent))
+    assert ticks == list(range(1, len(ticks) + 1)), "every tick has one outcome, none twice, none missing"
+    assert sorted(o.tick for o in logged) == ticks, "the Redis log must hold the same outcomes"
+
+
+async def test_decisions_follow_the_frames(store: SessionStore) -> None:
+    engine = ScriptedEngine(lambda r: Decision(kind="respond", text="red") if red_pixels(r) else Decision("silent"))
+    loop, sent = _loop(store, LocalEngineHandle(engine).decide)
+    loop.start()
+    await _feed(loop, 20, red_from=10)
+    await loop.stop()
+    outcomes = [m["outcome"] for m in _ticks(sent)]
+    assert "respond" in outcomes and "silent" in outcomes
+    first_respond = outcomes.index("respond")
+    assert all(o in ("silent", "skipped:no_frame") for o in outcomes[:first_respond])
+    _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
+
+
+async def test_no_frame_and_silence_without_instruction(store: SessionStore) -> None:
+    engine = ScriptedEngine()
+    loop, sent = _loop(store, LocalEngineHandle(engine).decide, instructions=())
+    loop.start()
+    await asyncio.sleep(INTERVAL * 3.5)
+    await _feed(loop, 6)
+    await loop.stop()
+    outcomes = Counter(m["outcome"] for m in _ticks(sent))
+    assert outcomes["skipped:no_frame"] >= 2
+    assert outcomes["silent"] >= 1
+    assert engine.requests == [], "no instruction and no question: the model is not called"
+    _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
+
+
+async def test_a_question_calls_the_model_once(store: SessionStore) -> None:
+    engine = ScriptedEngine(lambda r: Decision(kind="respond", text="It is grey."))
+    loop, sent = _loop(store, LocalEngineHandle(engine).decide, instructions=())
+    loop.start()
+    loop.frames.put(np.zeros((24, 32, 3), np.uint8))
+    loop.add_question("what colour is it?")
+    await _feed(loop, 8)
+    await loop.stop()
+    assert len(engine.requests) == 1
+    assert any(t.text == "what colour is it?" for t in engine.requests[0].dialog)
+    assert [m["text"] for m in _ticks(sent) if m["outcome"] == "respond"] == ["It is grey."]
+
+
+async def test_slow_engine_gives_busy_ticks_not_a_queue(store: SessionStore) -> None:
+    engine = ScriptedEngine(delay_s=INTERVAL * 3.5)
+    loop, sent = _loop(store, LocalEngineHandle(engine).decide)
+    loop.start()
+    await _feed(loop, 24)
+    await loop.stop()
+    outcomes = Counter(m["outcome"] for m in _ticks(sent))
+    assert outcomes["skipped:busy"] >= 4
+    assert outcomes["silent"] >= 1
+    _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
+
+
+@pytest.mark.parametrize(("error", "reason"), [(RuntimeError("boom"), "engine_error"),
+                                               (ReplicaFailed("gone"), "replica_failed")])
+async def test_engine_failures_are_recorded(store: SessionStore, error: Exception, reason: str) -> None:
+    async def decide(request: TickRequest) -> Decision:
+        raise error
+
+    loop, sent = _loop(store, decide)
+    loop.start()
+    await _feed(loop, 8)
+    await loop.stop()
+    outcomes = Counter(m["outcome"] for m in _ticks(sent))
+    assert outcomes[f"skipped:{reason}"] >= 2
+    _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
+
+
+async def test_closing_mid_tick_records_closed(store: SessionStore) -> None:
+    started = asyncio.Event()
+
+    async def decide(request: TickRequest) -> Decision:
+        started.set()
+        await asyncio.sleep(60)
+        raise AssertionError("unreachable")
+
+    loop, sent = _loop(store, decide)
+    loop.start()
+    loop.frames.put(np.zeros((24, 32, 3), np.uint8))
+    await asyncio.wait_for(started.wait(), 5)
+    await loop.stop()
+    assert _ticks(sent)[-1]["outcome"] == "skipped:closed"
+    _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
+
+
+async def test_decide_timeout_is_recorded(store: SessionStore) -> None:
+    engine = ScriptedEngine(delay_s=1.0)
+    loop, sent = _loop(store, LocalEngineHandle(engine).decide, decide_timeout_s=INTERVAL)
+    loop.start()
+    await _feed(loop, 6)
+    await loop.stop()
+    assert "skipped:timeout" in {m["outcome"] for m in _ticks(sent)}
+
+
+async def test_heartbeat_timeout_closes_the_session(store: SessionStore) -> None:
+    loop, _ = _loop(store, LocalEngineHandle(ScriptedEngine()).decide, heartbeat_timeout_s=INTERVAL * 3)
+    loop.start()
+    await asyncio.wait_for(loop.closed.wait(), 5)
+    await loop.stop()
