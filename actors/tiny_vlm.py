@@ -1,15 +1,21 @@
 """Tiny models of the real Qwen2-VL architecture, built from a config with no download.
 
-A byte-level BPE tokenizer trained on a small built-in corpus (so it encodes any text) carries the Qwen2-VL special
-tokens and chat template; the model is a `Qwen2VLForConditionalGeneration` with a few thousand parameters per layer;
-the image processor is the PIL one with a small pixel budget. `save_tiny_vlm` writes all three with
-`save_pretrained`, so the directory loads like a real checkpoint.
+A byte-level BPE tokenizer trained on a small built-in corpus (so it encodes any text) carries the Qwen2-VL
+special tokens and chat template; the model is a `Qwen2VLForConditionalGeneration` of a few hundred thousand
+parameters; the image processor is the PIL one with a small pixel budget. `save_tiny_vlm` writes all three
+with `save_pretrained`, so the directory loads like a real checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,8 +42,17 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
-# Qwen2-VL's order, so that the special tokens follow the byte-level vocabulary as they do in the real tokenizer.
-SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+RANDOM_MARKER_FILE = "vigil-tiny.json"
+# Qwen2-VL's order: the special tokens follow the byte-level vocabulary as they do in the real tokenizer.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    VISION_START,
+    VISION_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+)
 
 # Qwen2's pre-tokenizer: the same split as the real tokenizer, so token boundaries behave alike.
 _QWEN2_PRETOKENIZE = (
@@ -74,8 +89,8 @@ class TinyVLMSpec:
     num_kv_heads: int = 2
     intermediate_size: int = 128
     vision_depth: int = 2
-    vision_embed_dim: int = 32
-    vision_heads: int = 2
+    vision_embed_dim: int = 64
+    vision_heads: int = 4
     vision_mlp_ratio: int = 2
     patch_size: int = 14
     spatial_merge_size: int = 2
@@ -97,7 +112,17 @@ class TinyVLM:
     image_processor: Qwen2VLImageProcessorPil
 
 
-def build_tokenizer(corpus: Iterable[str] = TOKENIZER_CORPUS, vocab_size: int = 640) -> PreTrainedTokenizerFast:
+def token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    """The id of a single token in the vocabulary."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(found, int):
+        raise KeyError(f"{token!r} is not one token of this tokenizer")
+    return found
+
+
+def build_tokenizer(
+    corpus: Iterable[str] = TOKENIZER_CORPUS, vocab_size: int = 640
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `corpus` and wrap it with the Qwen2-VL special tokens and chat template.
 
     Byte-level means any text encodes (unknown characters fall back to their UTF-8 bytes) and decodes exactly.
@@ -147,7 +172,7 @@ def build_image_processor(spec: TinyVLMSpec = TinyVLMSpec()) -> Qwen2VLImageProc
 
 def build_config(tokenizer: PreTrainedTokenizerFast, spec: TinyVLMSpec = TinyVLMSpec()) -> Qwen2VLConfig:
     """A `Qwen2VLConfig` of the given sizes whose special token ids match `tokenizer`."""
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    ids = {token: token_id(tokenizer, token) for token in SPECIAL_TOKENS}
     head_dim = spec.hidden_size // spec.num_heads
     # M-RoPE splits head_dim / 2 rotary frequencies over (time, height, width) in Qwen2-VL's 2:3:3 proportion.
     half = head_dim // 2
@@ -206,7 +231,8 @@ def build_tiny_vlm(spec: TinyVLMSpec = TinyVLMSpec(), seed: int = 0) -> TinyVLM:
 
 
 def save_tiny_vlm(vlm: TinyVLM, directory: str | Path) -> Path:
-    """Write model, tokenizer and image processor with `save_pretrained`; the directory loads like a checkpoint."""
+    """Write model, tokenizer and image processor with `save_pretrained`, so the directory loads like a
+    checkpoint."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     vlm.model.save_pretrained(path)
@@ -216,9 +242,45 @@ def save_tiny_vlm(vlm: TinyVLM, directory: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (a file, created if missing) across processes on this host."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move the fully written directory `staging` to `target`, replacing whatever was there."""
+    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is for every user of the host
+    if target.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        target.rename(stale / target.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging.rename(target)
+
+
 def ensure_tiny_random_vlm(directory: str | Path, spec: TinyVLMSpec = TinyVLMSpec(), seed: int = 0) -> Path:
-    """A saved tiny random Qwen2-VL at `directory`, built only if the directory holds no model yet."""
-    path = Path(directory)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    return save_tiny_vlm(build_tiny_vlm(spec, seed), path)
+    """A saved tiny random Qwen2-VL at `directory`, built unless one of this spec, seed and code is there.
+
+    It is written to a temporary sibling and renamed into place, so a half-written directory is never reused.
+    """
+    path = Path(directory).resolve()
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    recipe = {"spec": spec.as_dict(), "seed": seed, "code": code}
+    marker = path / RANDOM_MARKER_FILE
+    with exclusive_lock(path.parent / f".{path.name}.lock"):
+        if marker.is_file() and json.loads(marker.read_text()) == recipe:
+            return path
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_tiny_vlm(build_tiny_vlm(spec, seed), staging)
+            (staging / RANDOM_MARKER_FILE).write_text(json.dumps(recipe))
+            replace_directory(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return path

@@ -1,8 +1,9 @@
 """Model inputs for Qwen2-VL-family models, built from tick prompts without the full (torchvision) processor.
 
-What `Qwen2VLProcessor` does, done here with only a tokenizer and the PIL image processor: render the chat template,
-run the image processor on the frames, and expand each `<|image_pad|>` to `grid_thw.prod() // merge_size**2`
-tokens. User text is tokenized with control tokens sanitized, so a typed `<|im_end|>` stays text.
+What `Qwen2VLProcessor` does, done with only a tokenizer and the PIL image processor: render the chat
+template, run the image processor on the frames, and expand each `<|image_pad|>` to
+`grid_thw.prod() // merge_size**2` tokens. User text is tokenized with control tokens sanitized, so a
+typed `<|im_end|>` stays text.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def sample_image(sample: Sample) -> Image.Image:
     """A sample's raw RGB bytes as a PIL image."""
     expected = sample.width * sample.height * 3
     if len(sample.rgb) != expected:
-        raise ValueError(f"sample has {len(sample.rgb)} bytes, expected {expected} for {sample.width}x{sample.height} RGB")
+        raise ValueError(
+            f"sample has {len(sample.rgb)} bytes, expected {expected} for {sample.width}x{sample.height} RGB"
+        )
     return Image.frombytes("RGB", (sample.width, sample.height), sample.rgb)
 
 
@@ -68,7 +71,7 @@ class EncodedBatch:
 
 
 class PromptEncoder:
-    """Turns tick prompts into Qwen2-VL inputs: `input_ids`, `attention_mask`, `pixel_values`, `image_grid_thw`.
+    """Turns tick prompts into Qwen2-VL inputs: input_ids, attention_mask, pixel_values, image_grid_thw.
 
     `with_token_types` adds `mm_token_type_ids` (1 on image tokens), which Qwen2-VL uses for its 3D positions.
     """
@@ -84,7 +87,8 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token_id = image_token_id
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or QWEN2_VL_CHAT_TEMPLATE
+        own_template = getattr(tokenizer, "chat_template", None)
+        self.chat_template = chat_template or own_template or QWEN2_VL_CHAT_TEMPLATE
         self.with_token_types = with_token_types
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
         pad = tokenizer.pad_token_id
@@ -131,8 +135,11 @@ class PromptEncoder:
         prompts: Sequence[Prompt],
         completions: Sequence[Sequence[int]] | None = None,
     ) -> EncodedBatch:
-        """Encode prompts for generation (left-padded), or with `completions` for training (right-padded, labels
-        only on the completion tokens)."""
+        """Encode prompts, left-padded so that every row ends where generation starts.
+
+        With `completions` (for training) each row is its prompt then its completion, and `labels` hold the
+        completion tokens only, so all completions end at the last column.
+        """
         images = self.images(prompts)
         grids = images.get("image_grid_thw")
         counts = [] if grids is None else (grids.prod(-1) // self.merge_size**2).tolist()
@@ -150,21 +157,18 @@ class PromptEncoder:
                 rows.append(ids + completion)
                 labels.append([IGNORE_INDEX] * len(ids) + completion)
         length = max(len(row) for row in rows)
-        left = completions is None
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         label_tensor = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         for row, ids in enumerate(rows):
-            span = slice(length - len(ids), length) if left else slice(0, len(ids))
-            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, span] = 1
+            input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, length - len(ids) :] = 1
             if labels:
-                label_tensor[row, span] = torch.tensor(labels[row], dtype=torch.long)
+                label_tensor[row, length - len(ids) :] = torch.tensor(labels[row], dtype=torch.long)
         tensors = {"input_ids": input_ids, "attention_mask": attention_mask, **images}
         if self.with_token_types:
-            tensors["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.int32) * attention_mask.to(
-                torch.int32
-            )
+            is_image = (input_ids == self.image_token_id) & attention_mask.bool()
+            tensors["mm_token_type_ids"] = is_image.to(torch.int32)
         if labels:
             tensors["labels"] = label_tensor
         return EncodedBatch(tensors=tensors, prompt_length=length)

@@ -1,9 +1,9 @@
 """Synthetic video clips for Chromium's fake camera (`--use-file-for-fake-video-capture`).
 
 A clip is a YUV4MPEG2 file (`C420`, planar 4:2:0, BT.601 studio range). It shows a plain moving scene with
-no red in it and, from `trigger_at_s` on, a large red disc: the visual trigger the demo model is trained to
-answer.
-Chromium plays the file in a loop, so a clip restarts with its trigger-free part after its last frame.
+no red in it and, from `trigger_at_s` on, a large red disc in the middle: the visual trigger the demo model
+is trained to answer. Chromium plays the file in a loop, so after its last frame a clip starts again with
+its disc-free part: make it longer than the test that uses it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 
 DISC_RGB = (220, 20, 20)
+BLOCK_RGB = (48, 64, 84)
 Y4M_MAGIC = b"YUV4MPEG2"
 FRAME_TAG = b"FRAME"
-
-BLOCK_RGB = (48, 64, 84)
 
 
 def _fallback_background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:

@@ -2,3 +2,4 @@
 
 from tests.fixtures_redis import *  # noqa: F403
 from tests.fixtures_gateway import *  # noqa: F403
+from tests.fixtures_models import *  # noqa: F403

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -15,9 +17,13 @@ def red_mask(rgb: np.ndarray) -> np.ndarray:
     return (r > 150) & (g < 90) & (b < 90)
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory: pytest.TempPathFactory):
-    path = write_trigger_clip(tmp_path_factory.mktemp("clips") / "trigger.y4m", seconds=4, trigger_at_s=2.5)
+@pytest.fixture(scope="module", params=["demo-renderer", "own-renderer"])
+def clip(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "own-renderer":
+            patch.setitem(sys.modules, "actors.demo_model", None)  # the import fails: clips.py draws its own
+        path = tmp_path_factory.mktemp("clips") / "trigger.y4m"
+        write_trigger_clip(path, seconds=4, trigger_at_s=2.5)
     header, frames = read_y4m(path)
     return path, header, list(frames)
 
