@@ -116,9 +116,13 @@ def build_app(config: VigilConfig) -> serve.Application:
     """The bound graph for a config (its `redis_url` must be set)."""
     if not config.redis_url:
         raise ValueError("build_app needs config.redis_url: start Redis first (main() embeds one)")
-    limits = {"max_ongoing_requests": config.max_ongoing_requests}
-    interaction = Interaction.options(num_replicas=config.interaction_replicas, **limits).bind(config)
-    return Ingest.bind(config, Sampler.bind(config), interaction)
+    interaction = Interaction.options(
+        num_replicas=config.interaction_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.interaction_cpus},
+    ).bind(config)
+    sampler = Sampler.options(ray_actor_options={"num_cpus": config.sampler_cpus}).bind(config)
+    return Ingest.options(ray_actor_options={"num_cpus": config.ingest_cpus}).bind(config, sampler, interaction)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

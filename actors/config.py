@@ -59,6 +59,11 @@ class VigilConfig(BaseModel):
 
     interaction_replicas: int = 1
     max_ongoing_requests: int = 64
+    # Ray logical CPUs each replica reserves. The defaults fit the whole graph on a 2-core machine; the model
+    # replica takes a whole core, the I/O-bound roles a quarter each.
+    ingest_cpus: float = 0.25
+    sampler_cpus: float = 0.25
+    interaction_cpus: float = 1.0
 
     @field_validator("ice_allowed_networks")
     @classmethod

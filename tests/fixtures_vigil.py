@@ -1,0 +1,73 @@
+"""Vigil as a user runs it: `serve_app.py` in its own process (Ray, Serve, embedded Redis), on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.fakes import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 240.0
+
+
+@dataclass
+class RunningVigil:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def launch_vigil(workdir: Path, model_dir: Path, **env: str) -> Iterator[RunningVigil]:
+    """Start Vigil with `model_dir` as its model; yield once /readyz answers 200; stop it (SIGINT) after."""
+    port = free_port()
+    log_path = workdir / "vigil.log"
+    settings = {
+        "VIGIL_PORT": str(port),
+        "VIGIL_MODEL": str(model_dir),
+        "VIGIL_FALLBACK_TO_DEMO": "false",
+        "VIGIL_REDIS_DIR": str(workdir / "redis"),
+        "VIGIL_ICE_HOST_ADDRESSES": "127.0.0.1",
+        "VIGIL_ICE_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    } | env
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "serve_app.py")], cwd=workdir, env=os.environ | settings,
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    vigil = RunningVigil(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"Vigil exited with {process.returncode}:\n{vigil.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Vigil not ready in {START_TIMEOUT_S:.0f} s:\n{vigil.log()[-4000:]}")
+            try:
+                if httpx.get(vigil.url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield vigil
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)

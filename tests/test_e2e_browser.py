@@ -1,0 +1,65 @@
+"""A user's view, end to end: headless Chromium shares a fake camera with Vigil as `make run` starts it.
+
+The camera plays a clip in which a red disc appears at a known second; Vigil runs the demo model trained to react to
+it. The response shows on the page within 2 s of the disc's appearance, and none shows before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.browser import chromium_page
+from tests.clips import write_trigger_clip
+from tests.fixtures_vigil import RunningVigil, launch_vigil
+
+pytestmark = pytest.mark.e2e
+
+TRIGGER_AT_S = 12.0
+CLIP_S = 40.0
+PROBE_JS = """() => [document.getElementById('preview').currentTime,
+                    document.querySelectorAll('#responses .response').length,
+                    document.querySelectorAll('#timeline .mark').length]"""
+
+
+@pytest.fixture(scope="module")
+def vigil_demo(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[RunningVigil]:
+    yield from launch_vigil(tmp_path_factory.mktemp("vigil-demo"), demo_model_dir)
+
+
+async def test_response_within_two_seconds_of_the_trigger(vigil_demo: RunningVigil, tmp_path: Path) -> None:
+    clip = write_trigger_clip(tmp_path / "trigger.y4m", seconds=CLIP_S, trigger_at_s=TRIGGER_AT_S)
+    async with chromium_page(clip, origin=vigil_demo.url) as browser:
+        page = browser.page
+        await page.goto(vigil_demo.url)
+        await page.fill("#instruction-input", "tell me when a red disc appears")
+        await page.click("#add-instruction")
+        await page.click("#start")
+        await page.wait_for_selector('#status[data-state="live"]', timeout=30_000)
+        await page.wait_for_selector("#demo-note:not([hidden])", timeout=10_000)
+        responded_at = None
+        marks_before = 0
+        while responded_at is None:
+            clip_time, responses, marks = await page.evaluate(PROBE_JS)
+            if responses:
+                responded_at = clip_time
+            elif clip_time > TRIGGER_AT_S + 8:
+                raise AssertionError(f"no response by clip time {clip_time:.1f} s\n{browser.log()}\n"
+                                     f"{vigil_demo.log()[-3000:]}")
+            else:
+                marks_before = marks
+            await asyncio.sleep(0.05)
+        await page.screenshot(path=str(tmp_path / "vigil-e2e.png"))
+        assert responded_at >= TRIGGER_AT_S, f"a response at clip time {responded_at:.2f} s, before the disc"
+        assert responded_at <= TRIGGER_AT_S + 2.0, f"the response came {responded_at - TRIGGER_AT_S:.2f} s late"
+        assert marks_before >= 6, "the timeline shows the silent seconds before the trigger"
+        silent = await page.locator('#timeline .mark[data-outcome="silent"]').count()
+        assert silent >= 5
+        text = await page.locator("#responses .response").first.inner_text()
+        assert "red" in text.lower()
+        await page.click("#stop")
+        await page.wait_for_selector('#status[data-state="stopped"]', timeout=10_000)
+        assert not browser.console_errors(), browser.log()
