@@ -1,7 +1,8 @@
 """Vigil's application graph on Ray Serve, and `main()`, which `make run` starts.
 
     ingest (HTTP + WebRTC, session loops) ──▶ sampler
-                                          └─▶ interaction (the VLM engine)
+                                          ├─▶ interaction (the VLM engine)
+                                          └─▶ memory (12-hour session memory; sessions routed by id)
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from typing import Any
 import numpy as np
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from actors.config import VigilConfig
 from actors.engine import EngineInfo, ReplicaFailed
 from actors.ice import restrict_host_addresses
 from actors.ingest import Gateway, build_api
+from actors.memory import MemoryConfig
+from actors.memory_api import MemoryApi
+from actors.memory_persistence import MemoryStore
+from actors.memory_service import MemoryService
 from actors.messages import Decision, SampleVerdict, TickRequest
 from actors.metrics import VigilMetrics
 from actors.sampler import FrameSampler
@@ -86,12 +92,76 @@ class RemoteEngine:
         await self.handle.check_health.remote()
 
 
+# Each session's memory calls land on the replica its id hashes to, which holds (or restores) that memory.
+# No fallback: a second replica would restore a second copy of the session.
+SESSION_AFFINITY = RequestRouterConfig(
+    request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
+    request_router_kwargs={"num_fallback_replicas": 0},
+)
+
+
+@serve.deployment(max_ongoing_requests=512, graceful_shutdown_timeout_s=10, request_router_config=SESSION_AFFINITY)
+class Memory(MemoryApi):
+    """Session memories, MiniLM embeddings, persistence in Redis (see actors.memory_api)."""
+
+    async def __init__(self, config: VigilConfig) -> None:
+        from actors.embedder import MiniLMEmbedder
+
+        logging.basicConfig(level=logging.INFO)
+        memory_config = MemoryConfig(ttl_s=config.session_ttl_s)
+        embedder = await asyncio.to_thread(MiniLMEmbedder)
+        store = MemoryStore.from_config(config.redis_url or "", memory_config)
+        super().__init__(MemoryService(embedder, memory_config, store), store)
+
+    async def __del__(self) -> None:
+        await self.close()
+
+
+class RemoteMemory:
+    """The memory deployment seen from the ingest: each call routed by session id; a lost replica is
+    reported as ReplicaFailed so the caller retries (the replacement restores the session from Redis)."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def _call(self, method: str, session_id: str, *args: Any) -> Any:
+        routed = self.handle.options(session_id=session_id)
+        try:
+            return await getattr(routed, method).remote(session_id, *args)
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
+            raise ReplicaFailed(str(exc)) from exc
+
+    async def add(self, session_id: str, kind: str, text: str, stream_time: float) -> None:
+        await self._call("add", session_id, kind, text, stream_time)
+
+    async def add_keyframe(self, session_id: str, stream_time: float, image: np.ndarray, caption: str) -> None:
+        await self._call("add_keyframe", session_id, stream_time, image, caption)
+
+    async def context(self, session_id: str, query: str | None, k: int) -> tuple[str, ...]:
+        return tuple(await self._call("context", session_id, query, k))
+
+    async def recall(self, session_id: str, question: str, k: int) -> tuple[str, ...]:
+        return tuple(await self._call("recall", session_id, question, k))
+
+    async def release(self, session_id: str) -> None:
+        await self._call("release", session_id)
+
+    async def check_health(self) -> None:
+        await self.handle.check_health.remote()
+
+
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
 @serve.ingress()
 class Ingest:
     """HTTP API, WebRTC peers and session loops."""
 
-    async def __init__(self, config: VigilConfig, sampler: DeploymentHandle, interaction: DeploymentHandle) -> None:
+    async def __init__(
+        self,
+        config: VigilConfig,
+        sampler: DeploymentHandle,
+        interaction: DeploymentHandle,
+        memory: DeploymentHandle | None = None,
+    ) -> None:
         logging.basicConfig(level=logging.INFO)
         restrict_host_addresses(config.ice_host_addresses)
         engine = RemoteEngine(interaction)
@@ -101,7 +171,10 @@ class Ingest:
             ref = await asyncio.to_thread(ray.put, rgb)
             return await sampler.sample.remote([ref], stream_time, previous, due)
 
-        services = TickServices(sample=sample, decide=engine.decide, store=store, metrics=VigilMetrics())
+        services = TickServices(
+            sample=sample, decide=engine.decide, store=store, metrics=VigilMetrics(),
+            memory=RemoteMemory(memory) if memory is not None else None,
+        )
         self.gateway = Gateway(config, store, services, engine)
         await self.gateway.start()
 
@@ -122,7 +195,13 @@ def build_app(config: VigilConfig) -> serve.Application:
         ray_actor_options={"num_cpus": config.interaction_cpus},
     ).bind(config)
     sampler = Sampler.options(ray_actor_options={"num_cpus": config.sampler_cpus}).bind(config)
-    return Ingest.options(ray_actor_options={"num_cpus": config.ingest_cpus}).bind(config, sampler, interaction)
+    memory = None
+    if config.memory:
+        memory = Memory.options(
+            num_replicas=config.memory_replicas, ray_actor_options={"num_cpus": config.memory_cpus}
+        ).bind(config)
+    ingest = Ingest.options(ray_actor_options={"num_cpus": config.ingest_cpus})
+    return ingest.bind(config, sampler, interaction, memory)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

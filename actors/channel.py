@@ -9,8 +9,8 @@ from typing import Any, Literal
 from actors.engine import EngineInfo
 from actors.messages import TickOutcome
 
-ClientKind = Literal["instruction", "clear_instructions", "question", "ping"]
-CLIENT_KINDS: tuple[str, ...] = ("instruction", "clear_instructions", "question", "ping")
+ClientKind = Literal["instruction", "clear_instructions", "question", "recall", "ping"]
+CLIENT_KINDS: tuple[str, ...] = ("instruction", "clear_instructions", "question", "recall", "ping")
 
 
 class ChannelError(ValueError):
@@ -42,7 +42,7 @@ def parse_client_message(data: str | bytes, max_bytes: int, max_text_chars: int)
     kind = payload.get("type")
     if kind not in CLIENT_KINDS:
         raise ChannelError("unknown_type", f"unknown message type {kind!r}; expected one of {list(CLIENT_KINDS)}")
-    if kind in ("instruction", "question"):
+    if kind in ("instruction", "question", "recall"):
         text = payload.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ChannelError("bad_field", f"{kind} needs a non-empty string 'text'")
@@ -96,6 +96,10 @@ def tick_payload(outcome: TickOutcome, latency_ms: float) -> dict[str, Any]:
 
 def tick_message(outcome: TickOutcome, latency_ms: float) -> str:
     return _dumps(tick_payload(outcome, latency_ms))
+
+
+def recall_message(query: str, lines: tuple[str, ...]) -> str:
+    return _dumps({"type": "recall", "query": query, "lines": list(lines)})
 
 
 def error_message(code: str, message: str) -> str:

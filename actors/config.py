@@ -57,6 +57,14 @@ class VigilConfig(BaseModel):
     ice_allowed_networks: list[str] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
 
+    memory: bool = Field(default=True, description="12-hour session memory (retrieval in the prompt, recall)")
+    memory_replicas: int = 1
+    memory_cpus: float = 0.25
+    memory_top_k: int = 8
+    memory_timeout_s: float = Field(default=0.5, description="a tick waits this long for memory lines")
+    memory_refresh_s: float = Field(default=30.0, description="memory lines for the instructions are reused")
+    keyframe_change: float = Field(default=0.3, description="change score from which a sample is a keyframe")
+
     interaction_replicas: int = 1
     max_ongoing_requests: int = 64
     # Ray logical CPUs each replica reserves. The defaults fit the whole graph on a 2-core machine; the model

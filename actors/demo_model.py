@@ -29,7 +29,7 @@ import torch
 from actors import decisions, prompt, tiny_vlm, vlm_inputs
 from actors.decisions import RESPONSE, SILENCE
 from actors.messages import Sample, TickRequest, Turn
-from actors.prompt import Prompt, build_prompt
+from actors.prompt import Prompt, build_prompt, clock
 from actors.tiny_vlm import (
     IM_END,
     TinyVLM,
@@ -266,6 +266,7 @@ def random_request(rng: np.random.Generator, pool: FramePool | None = None) -> t
     inbox = (
         (_BACKGROUND_RESULTS[int(rng.integers(0, len(_BACKGROUND_RESULTS)))],) if rng.random() < 0.1 else ()
     )
+    memories = _memory_lines(rng, times[0]) if rng.random() < 0.4 else ()
     request = TickRequest(
         session_id="demo",
         tick=int(times[-1]),
@@ -274,8 +275,30 @@ def random_request(rng: np.random.Generator, pool: FramePool | None = None) -> t
         instructions=instructions,
         dialog=tuple(dialog),
         inbox=inbox,
+        memories=memories,
     )
     return request, discs[-1]
+
+
+def _memory_lines(rng: np.random.Generator, before: float) -> tuple[str, ...]:
+    """Memory lines as a session's memory writes them, about earlier moments (which must not sway the model:
+    a past disc, said or seen, is no disc now)."""
+    lines = []
+    for _ in range(int(rng.integers(1, 7))):
+        start = float(rng.uniform(0, max(before, 1.0)))
+        when = clock(start)
+        kind = int(rng.integers(0, 5))
+        if kind == 0:
+            lines.append(f"at {when} you said: {DEMO_RESPONSE_TEXT}")
+        elif kind == 1:
+            lines.append(f"at {when} the user said: {_user_text(rng)}")
+        elif kind == 2:
+            lines.append(f"at {when} you saw a new scene [keyframe {int(rng.integers(1, 5000))}]")
+        elif kind == 3:
+            lines.append(f"from {when} to {clock(start + 200)}: {_random_text(rng)}")
+        else:
+            lines.append(f"at {when} the background assistant reported: {_random_text(rng)}")
+    return tuple(lines)
 
 
 @dataclass(frozen=True, slots=True)

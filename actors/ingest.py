@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from actors.channel import model_payload, tick_payload
 from actors.config import VigilConfig
-from actors.engine import EngineInfo
+from actors.engine import EngineInfo, ReplicaFailed
 from actors.messages import SessionRecord, from_dict, to_dict
 from actors.peer import InvalidOffer, PeerSession
 from actors.session_loop import TickServices
@@ -153,7 +153,34 @@ class Gateway:
             await peer.close()
         self.services.metrics.active_sessions.set(len(self.peers))
         await self.store.end(record.session_id)
+        await self._release_memory(record.session_id)
         return {"ok": True, "session_id": record.session_id}
+
+    async def recall(self, record: SessionRecord, query: str, k: int) -> dict[str, Any]:
+        memory = self.services.memory
+        if memory is None:
+            raise ApiError(501, "memory_off", "this Vigil runs without memory (VIGIL_MEMORY=false)")
+        query = query.strip()
+        if not query:
+            raise ApiError(422, "invalid_request", "q: a question is required, e.g. q=what happened at 10:30")
+        if len(query) > self.config.limits.max_text_chars:
+            raise ApiError(422, "invalid_request", f"q: over {self.config.limits.max_text_chars} characters")
+        if not 1 <= k <= 50:
+            raise ApiError(422, "invalid_request", "k: from 1 to 50")
+        try:
+            lines = await asyncio.wait_for(memory.recall(record.session_id, query, k), 10.0)
+        except (TimeoutError, ReplicaFailed) as exc:
+            raise ApiError(503, "memory_unavailable", f"memory did not answer ({type(exc).__name__}); retry") from None
+        return {"query": query, "lines": list(lines)}
+
+    async def _release_memory(self, session_id: str) -> None:
+        """Free the memory replica's copy; the memory stays in Redis for a session that comes back."""
+        if self.services.memory is None:
+            return
+        try:
+            await asyncio.wait_for(self.services.memory.release(session_id), 5.0)
+        except Exception as exc:
+            log.info("session %s: memory not released (%r); it expires with the session", session_id, exc)
 
     async def events(self, record: SessionRecord, after: int, limit: int) -> dict[str, Any]:
         limit = max(1, min(limit, 1000))
@@ -171,7 +198,13 @@ class Gateway:
             status["engine"] = True
         except Exception as exc:
             status["engine"] = f"unavailable: {exc}"
-        ok = status["redis"] is True and status["engine"] is True
+        if self.services.memory is not None:
+            try:
+                await asyncio.wait_for(self.services.memory.check_health(), 5.0)
+                status["memory"] = True
+            except Exception as exc:
+                status["memory"] = f"unavailable: {exc}"
+        ok = all(value is True for value in status.values())
         return ok, status | {"ok": ok}
 
     # -- owned tasks ---------------------------------------------------------------------------------------
@@ -186,6 +219,7 @@ class Gateway:
         await peer.close()
         if self.peers.get(peer.session_id) is peer:
             del self.peers[peer.session_id]
+            await self._release_memory(peer.session_id)
         self.services.metrics.active_sessions.set(len(self.peers))
 
     async def _save_instructions(self, session_id: str, instructions: tuple[str, ...]) -> None:
@@ -249,6 +283,11 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def events(session_id: str, request: Request, after: int = 0, limit: int = 100) -> dict[str, Any]:
         record = await gateway.authorize(session_id, request)
         return await gateway.events(record, after, limit)
+
+    @app.get("/v1/sessions/{session_id}/memory")
+    async def memory(session_id: str, request: Request, q: str = "", k: int = 5) -> dict[str, Any]:
+        record = await gateway.authorize(session_id, request)
+        return await gateway.recall(record, q, k)
 
     @app.delete("/v1/sessions/{session_id}")
     async def end(session_id: str, request: Request) -> dict[str, Any]:

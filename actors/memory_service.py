@@ -120,6 +120,7 @@ class MemoryService:
         self._snapshot_queue: asyncio.Queue[str] = asyncio.Queue(maxsize=self.config.max_sessions)
         self._snapshot_pending: set[str] = set()
         self._restore_slots = asyncio.Semaphore(self.config.restore_concurrency)
+        self._opening: dict[str, asyncio.Lock] = {}
         self._snapshotter: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -240,6 +241,31 @@ class MemoryService:
         if self.store is not None and await self.store.exists(session_id):
             return await self.restore(session_id)
         return await self.create(session_id)
+
+    async def hold(self, session_id: str) -> SessionMemory:
+        """`open`, once per session even when calls for it arrive together on a replica that lacks it."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            return session.memory
+        lock = self._opening.setdefault(session_id, asyncio.Lock())
+        try:
+            async with lock:
+                return await self.open(session_id)
+        finally:
+            if not lock.locked():
+                self._opening.pop(session_id, None)
+
+    async def add_healing(self, session_id: str, kind: str, text: str, stream_time: float) -> MemoryItem:
+        """`add`; when the log refuses the item because another replica wrote to this session since (it had
+        moved away and back), restore the newer memory and add again, once."""
+        try:
+            return await self.add(session_id, kind, text, stream_time)
+        except MemoryUnavailable:
+            if self.store is None or not await self.store.exists(session_id):
+                raise
+            log.info("session %s: memory changed elsewhere; restoring before writing", session_id)
+            await self.restore(session_id)
+            return await self.add(session_id, kind, text, stream_time)
 
     async def release(self, session_id: str) -> None:
         """Stop holding a session here (its memory stays in Redis for the next owner)."""
@@ -423,6 +449,19 @@ class MemoryService:
         query = self._check_query(query, k, None, None)
         vector = await self._embedder.embed(query)
         return await asyncio.to_thread(memory.prompt_lines, query, k, POINT_KINDS, vector)
+
+    async def context(self, session_id: str, query: str | None, k: int = 10) -> tuple[str, ...]:
+        """All the memory a tick's prompt gets: the long-term blocks and mid-term summaries, then the lines
+        `query` selects (the standing instructions or the user's question), each with its times."""
+        lines = await self.tier_lines(session_id)
+        if query is None:
+            return lines
+        return tuple(dict.fromkeys((*lines, *await self.prompt_lines(session_id, query, k))))
+
+    async def recall(self, session_id: str, question: str, k: int = 5) -> tuple[str, ...]:
+        """Answer "what happened at 10:30?" or "when did I last see my keys?" from memory alone: what was
+        there at a time the question names, then the `k` best matches, in stream order, with their times."""
+        return await self.prompt_lines(session_id, question, k)
 
     async def tier_lines(self, session_id: str) -> tuple[str, ...]:
         """The long-term blocks and mid-term summaries as prompt lines."""

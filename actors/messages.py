@@ -67,6 +67,7 @@ class TickRequest:
     instructions: tuple[str, ...] = ()
     dialog: tuple[Turn, ...] = ()
     inbox: tuple[str, ...] = ()
+    memories: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,20 @@ class VigilMetrics:
             "vigil_http_rejected_total", "HTTP requests rejected, by error code.", ["code"], registry=self.registry
         )
 
+        self.memory_writes_total = Counter(
+            "vigil_memory_writes_total",
+            "Writes to session memory by result: ok, refused (bad item), failed (after retries), dropped "
+            "(queue full or session closed first).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.memory_errors_total = Counter(
+            "vigil_memory_errors_total",
+            "Memory reads that failed or timed out (the tick went on without fresh memory lines), by call.",
+            ["call"],
+            registry=self.registry,
+        )
+
     def observe_stages(self, stages_ms: dict[str, float]) -> None:
         for stage, ms in stages_ms.items():
             self.tick_stage_seconds.labels(stage=stage).observe(ms / 1000.0)

@@ -10,7 +10,14 @@ from collections.abc import Callable
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from actors.channel import ChannelError, error_message, hello_message, parse_client_message, pong_message
+from actors.channel import (
+    ChannelError,
+    error_message,
+    hello_message,
+    parse_client_message,
+    pong_message,
+    recall_message,
+)
 from actors.config import VigilConfig
 from actors.engine import EngineInfo
 from actors.frames import LatestFrameBuffer
@@ -78,6 +85,7 @@ class PeerSession:
         self._on_instructions = on_instructions
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._recalling = False
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -190,6 +198,8 @@ class PeerSession:
             self._send(pong_message(message.ping_id))
         elif message.kind == "question":
             self.loop.add_question(message.text)
+        elif message.kind == "recall":
+            self._start_recall(message.text)
         elif message.kind == "instruction":
             if len(self.loop.instructions) >= limits.max_instructions:
                 self.services.metrics.channel_rejected_total.labels(reason="too_many_instructions").inc()
@@ -199,6 +209,28 @@ class PeerSession:
             self._set_instructions((*self.loop.instructions, message.text))
         elif message.kind == "clear_instructions":
             self._set_instructions(())
+
+    def _start_recall(self, question: str) -> None:
+        if self.loop.memory is None:
+            self._send(error_message("memory_off", "this Vigil runs without memory (VIGIL_MEMORY=false)"))
+        elif self._recalling:
+            self.services.metrics.channel_rejected_total.labels(reason="busy").inc()
+            self._send(error_message("busy", "one recall at a time: wait for the answer to the last one"))
+        else:
+            self._recalling = True
+            self._own(self._recall(question))
+
+    async def _recall(self, question: str) -> None:
+        assert self.loop.memory is not None
+        try:
+            lines = await self.loop.memory.recall(question)
+        except Exception as exc:
+            log.warning("session %s: recall failed: %r", self.session_id, exc)
+            self._send(error_message("memory_unavailable", f"memory did not answer: {type(exc).__name__}"))
+        else:
+            self._send(recall_message(question, lines))
+        finally:
+            self._recalling = False
 
     def _set_instructions(self, instructions: tuple[str, ...]) -> None:
         self.loop.set_instructions(instructions)

@@ -59,12 +59,12 @@ def system_text(instructions: tuple[str, ...], memories: tuple[str, ...] = ()) -
     return "\n\n".join(parts)
 
 
-def build_prompt(request: TickRequest, memories: tuple[str, ...] = ()) -> Prompt:
+def build_prompt(request: TickRequest) -> Prompt:
     """Lay out one tick's prompt. The last sample is the current second; earlier ones carry their decisions."""
     if not request.samples:
         raise ValueError("a tick prompt needs at least one sample")
     messages: list[dict[str, Any]] = [
-        {"role": "system", "content": [_text(system_text(request.instructions, memories))]}
+        {"role": "system", "content": [_text(system_text(request.instructions, request.memories))]}
     ]
     replies = {round(t.stream_time, 3): t.text for t in request.dialog if t.role == "assistant"}
     user_turns = sorted((t for t in request.dialog if t.role == "user"), key=lambda t: t.stream_time)

@@ -16,6 +16,7 @@ from actors.config import VigilConfig
 from actors.decisions import format_decision
 from actors.engine import ReplicaFailed
 from actors.frames import ArrivedFrame, LatestFrameBuffer
+from actors.memory_link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
 from actors.messages import Decision, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
 from actors.metrics import VigilMetrics
 from actors.session_store import SessionStore
@@ -29,12 +30,14 @@ SendFn = Callable[[str], None]
 
 @dataclass(frozen=True, slots=True)
 class TickServices:
-    """What a session's ticks call: the sampler, the interaction engine, Redis and the metrics."""
+    """What a session's ticks call: the sampler, the interaction engine, Redis, the metrics and (optionally)
+    the memory deployment."""
 
     sample: SampleFn
     decide: DecideFn
     store: SessionStore
     metrics: VigilMetrics
+    memory: MemoryClient | None = None
 
 
 def frame_to_rgb(frame: object) -> np.ndarray:
@@ -76,12 +79,19 @@ class SessionLoop:
         self._inflight: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
+        self.memory: SessionMemoryLink | None = None
+        if services.memory is not None:
+            self.memory = SessionMemoryLink(session_id, services.memory, services.metrics, MemoryLinkSettings(
+                top_k=config.memory_top_k, timeout_s=config.memory_timeout_s, refresh_s=config.memory_refresh_s,
+            ))
 
     # -- control -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._scheduler is None:
             self._scheduler = asyncio.create_task(self._schedule(), name=f"ticks-{self.session_id}")
+        if self.memory is not None:
+            self.memory.start()
 
     async def stop(self) -> None:
         """Stop ticking; an in-flight tick is recorded as `skipped:closed`. Waits for pending writes."""
@@ -96,6 +106,8 @@ class SessionLoop:
                     pass
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        if self.memory is not None:
+            await self.memory.close()
         self.closed.set()
 
     def touch(self) -> None:
@@ -109,6 +121,19 @@ class SessionLoop:
         now = self.frames.stream_time(time.monotonic())
         self._dialog.append(Turn(role="user", text=text, stream_time=now))
         self._question_pending = True
+        self._remember("user", text, now)
+
+    def _remember(self, kind: str, text: str, stream_time: float, image: np.ndarray | None = None) -> None:
+        if self.memory is not None and text.strip():
+            self.memory.remember(MemoryWrite(kind, text, max(0.0, stream_time), image))
+
+    def _memory_query(self) -> str | None:
+        """What selects the prompt's memories: the newest question when one waits, else the instructions."""
+        if self._question_pending:
+            asked = [turn.text for turn in self._dialog if turn.role == "user"]
+            if asked:
+                return asked[-1]
+        return "; ".join(self.instructions) or None
 
     # -- ticking -------------------------------------------------------------------------------------------
 
@@ -167,10 +192,16 @@ class SessionLoop:
         self._signature = verdict.signature
         if verdict.sample is not None:
             self._window.append(verdict.sample)
+            if verdict.change_score >= self.config.keyframe_change:
+                sample = verdict.sample
+                image = np.frombuffer(sample.rgb, np.uint8).reshape(sample.height, sample.width, 3)
+                self._remember("keyframe", "a new scene", stream_time, image)
         sampled = time.monotonic()
         stages = {"wait": (started - arrived.arrival) * 1000, "sample": (sampled - started) * 1000}
         inbox_items = await self.services.store.pop_inbox(self.session_id)
         inbox = tuple(str(item.get("text", "")) for item in inbox_items)
+        for text in inbox:
+            self._remember("background", text, stream_time)
         asked = self._question_pending or bool(inbox)
         if not self.instructions and not asked and self.config.silent_without_instruction:
             # Nothing to watch for and nobody asked: silence without calling the model.
@@ -178,15 +209,24 @@ class SessionLoop:
                 session_id=self.session_id, tick=tick, stream_time=stream_time, outcome="silent",
                 wall_time=time.time(), stages_ms=stages,
             )
+        memories: tuple[str, ...] = ()
+        if self.memory is not None:
+            memories = await self.memory.lines(self._memory_query(), fresh=asked)
+            stages["memory"] = (time.monotonic() - sampled) * 1000
         request = TickRequest(
             session_id=self.session_id, tick=tick, stream_time=stream_time, samples=tuple(self._window),
-            instructions=self.instructions, dialog=tuple(self._dialog), inbox=inbox,
+            instructions=self.instructions, dialog=tuple(self._dialog), inbox=inbox, memories=memories,
         )
+        deciding = time.monotonic()
         decision = await self.services.decide(request)
-        stages["decide"] = (time.monotonic() - sampled) * 1000
+        stages["decide"] = (time.monotonic() - deciding) * 1000
         self._question_pending = False
         if decision.kind != "silent":
             self._dialog.append(Turn(role="assistant", text=format_decision(decision), stream_time=stream_time))
+            said = decision.text
+            if decision.question:
+                said = f"{said} (asked the background assistant: {decision.question})"
+            self._remember("response", said, stream_time)
         return TickOutcome(
             session_id=self.session_id, tick=tick, stream_time=stream_time, outcome=decision.kind,
             text=decision.text, question=decision.question, wall_time=time.time(), stages_ms=stages,

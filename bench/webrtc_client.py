@@ -111,6 +111,14 @@ class VigilClient:
         reply.raise_for_status()
         return list(reply.json()["events"])
 
+    async def recall(self, question: str, k: int = 5) -> list[str]:
+        """What the session's memory holds on `question`, with times (HTTP; the data channel has `recall` too)."""
+        reply = await self.http.get(
+            f"/v1/sessions/{self.session_id}/memory", params={"q": question, "k": k}, headers=self.auth()
+        )
+        reply.raise_for_status()
+        return list(reply.json()["lines"])
+
     async def close(self, end_session: bool = True) -> None:
         if end_session and self.session:
             try:

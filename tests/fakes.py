@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from actors.engine import Engine, EngineInfo, EngineError
+from actors.engine import Engine, EngineError, EngineInfo, ReplicaFailed
 from actors.messages import Decision, TickRequest
 
 
@@ -104,3 +104,45 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class RecordingMemory:
+    """A MemoryClient that records what it is given and answers `context` with the texts it holds; it can be
+    made to fail its next calls (a lost replica) or to refuse an item (a bad one)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, str, float]] = []
+        self.keyframes: list[tuple[str, float, tuple[int, ...]]] = []
+        self.queries: list[str | None] = []
+        self.fail_next = 0
+        self.refuse: set[str] = set()
+        self.released: list[str] = []
+
+    def _maybe_fail(self) -> None:
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise ReplicaFailed("scripted replica loss")
+
+    async def add(self, session_id: str, kind: str, text: str, stream_time: float) -> None:
+        self._maybe_fail()
+        if text in self.refuse:
+            raise ValueError(f"refused {text!r}")
+        self.items.append((session_id, kind, text, stream_time))
+
+    async def add_keyframe(self, session_id: str, stream_time: float, image: np.ndarray, caption: str) -> None:
+        self._maybe_fail()
+        self.keyframes.append((session_id, stream_time, image.shape))
+
+    async def context(self, session_id: str, query: str | None, k: int) -> tuple[str, ...]:
+        self._maybe_fail()
+        self.queries.append(query)
+        return tuple(f"at {t:.0f} s {kind}: {text}" for sid, kind, text, t in self.items if sid == session_id)[-k:]
+
+    async def recall(self, session_id: str, question: str, k: int) -> tuple[str, ...]:
+        return await self.context(session_id, question, k)
+
+    async def release(self, session_id: str) -> None:
+        self.released.append(session_id)
+
+    async def check_health(self) -> None:
+        self._maybe_fail()

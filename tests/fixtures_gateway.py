@@ -12,6 +12,7 @@ from actors.config import VigilConfig
 from actors.ice import restrict_host_addresses
 from actors.ingest import Gateway, build_api
 from actors.messages import Decision
+from actors.memory_link import MemoryClient
 from actors.metrics import VigilMetrics
 from actors.redis_server import EmbeddedRedis
 from actors.sampler import FrameSampler
@@ -34,7 +35,9 @@ def red_rule(request) -> Decision:
     return Decision(kind="respond", text="I see red.") if red_pixels(request) else Decision(kind="silent")
 
 
-def start_local_vigil(redis: EmbeddedRedis, **overrides: object) -> tuple[ServerThread, LocalVigil]:
+def start_local_vigil(
+    redis: EmbeddedRedis, memory: MemoryClient | None = None, **overrides: object
+) -> tuple[ServerThread, LocalVigil]:
     config = VigilConfig(redis_url=redis.url, image_size=64, **(LOOPBACK | overrides))
     restrict_host_addresses(config.ice_host_addresses)
     engine = ScriptedEngine(red_rule)
@@ -46,7 +49,9 @@ def start_local_vigil(redis: EmbeddedRedis, **overrides: object) -> tuple[Server
         return await asyncio.to_thread(sampler.sample, rgb, stream_time, previous, due)
 
     handle = LocalEngineHandle(engine)
-    services = TickServices(sample=sample, decide=handle.decide, store=store, metrics=VigilMetrics())
+    services = TickServices(
+        sample=sample, decide=handle.decide, store=store, metrics=VigilMetrics(), memory=memory
+    )
     gateway = Gateway(config, store, services, handle)
     asyncio.run(gateway.start())
     server = ServerThread(build_api(gateway))
@@ -57,6 +62,22 @@ def start_local_vigil(redis: EmbeddedRedis, **overrides: object) -> tuple[Server
 def local_vigil(redis_server: EmbeddedRedis, request: pytest.FixtureRequest) -> Iterator[LocalVigil]:
     overrides = getattr(request, "param", {})
     server, vigil = start_local_vigil(redis_server, **overrides)
+    with server:
+        vigil.url = server.url
+        yield vigil
+
+
+@pytest.fixture
+def local_vigil_with_memory(redis_server: EmbeddedRedis, minilm) -> Iterator[LocalVigil]:  # type: ignore[no-untyped-def]
+    """The local Vigil with real session memory: MiniLM embeddings, persisted in the same Redis."""
+    from actors.memory import MemoryConfig
+    from actors.memory_api import MemoryApi
+    from actors.memory_persistence import MemoryStore
+    from actors.memory_service import MemoryService
+
+    config = MemoryConfig()
+    store = MemoryStore.from_config(redis_server.url, config)
+    server, vigil = start_local_vigil(redis_server, memory=MemoryApi(MemoryService(minilm, config, store), store))
     with server:
         vigil.url = server.url
         yield vigil

@@ -27,3 +27,11 @@ def demo_model_dir() -> Path:
     from actors.demo_model import ensure_demo_model
 
     return ensure_demo_model(TEST_MODELS / "demo")
+
+
+@pytest.fixture(scope="session")
+def minilm():  # type: ignore[no-untyped-def]
+    """all-MiniLM-L6-v2 from its package (offline), with an embedding cache; loaded once per test run."""
+    from actors.embedder import CachingEmbedder, MiniLMEmbedder
+
+    return CachingEmbedder(MiniLMEmbedder())

@@ -1,7 +1,8 @@
 """A user's view, end to end: headless Chromium shares a fake camera with Vigil as `make run` starts it.
 
 The camera plays a clip in which a red disc appears at a known second; Vigil runs the demo model trained to react to
-it. The response shows on the page within 2 s of the disc's appearance, and none shows before it.
+it. The response shows on the page within 2 s of the disc's appearance, and none shows before it; asked from
+the page, the session's memory recalls what was said, with its stream time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.memory import parse_clock
 from tests.browser import chromium_page
 from tests.clips import write_trigger_clip
 from tests.fixtures_vigil import RunningVigil, launch_vigil
@@ -60,6 +62,15 @@ async def test_response_within_two_seconds_of_the_trigger(vigil_demo: RunningVig
         assert silent >= 5
         text = await page.locator("#responses .response").first.inner_text()
         assert "red" in text.lower()
+        # The page asks the session's memory: what was said comes back with its stream time.
+        await page.fill("#recall-input", "when did you see the red disc?")
+        await page.click("#recall")
+        line = page.locator("#recall-lines li", has_text="you said: I see a red disc.").first
+        await line.wait_for(timeout=15_000)
+        recalled = await line.inner_text()
+        said_at = parse_clock(recalled)
+        # Stream time counts from the first frame Vigil received, a moment after the clip started.
+        assert said_at is not None and TRIGGER_AT_S - 2 <= said_at <= TRIGGER_AT_S + 3, recalled
         await page.click("#stop")
         await page.wait_for_selector('#status[data-state="stopped"]', timeout=10_000)
         assert not browser.console_errors(), browser.log()

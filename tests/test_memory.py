@@ -39,11 +39,6 @@ pytestmark = pytest.mark.unit
 TWELVE_HOURS = 43_200
 
 
-@pytest.fixture(scope="session")
-def minilm() -> CachingEmbedder:
-    return CachingEmbedder(MiniLMEmbedder())
-
-
 @pytest.fixture(scope="module")
 def twelve_hours(minilm: CachingEmbedder) -> tuple[SessionMemory, Stream, float]:
     """One caption a second for 12 hours through the service, with the default tiers and summary task.

@@ -17,7 +17,7 @@ from actors.metrics import VigilMetrics
 from actors.sampler import FrameSampler
 from actors.session_loop import SessionLoop, TickServices
 from actors.session_store import SessionStore
-from tests.fakes import LocalEngineHandle, ScriptedEngine, red_pixels
+from tests.fakes import LocalEngineHandle, RecordingMemory, ScriptedEngine, red_pixels
 
 pytestmark = pytest.mark.unit
 
@@ -28,14 +28,16 @@ def _config(**overrides: object) -> VigilConfig:
     return VigilConfig(redis_url="unused", tick_interval_s=INTERVAL, image_size=32, **overrides)
 
 
-def _loop(store: SessionStore, decide, instructions=("watch",), **config) -> tuple[SessionLoop, list[dict]]:
+def _loop(
+    store: SessionStore, decide, instructions=("watch",), memory=None, **config
+) -> tuple[SessionLoop, list[dict]]:
     sampler = FrameSampler(32, 0.1, 10**6)
 
     async def sample(rgb, t, previous, due):
         return await asyncio.to_thread(sampler.sample, rgb, t, previous, due)
 
     sent: list[dict] = []
-    services = TickServices(sample=sample, decide=decide, store=store, metrics=VigilMetrics())
+    services = TickServices(sample=sample, decide=decide, store=store, metrics=VigilMetrics(), memory=memory)
     loop = SessionLoop("s_test", _config(**config), services, LatestFrameBuffer(),
                        lambda text: sent.append(json.loads(text)), instructions)
     loop.session_id = "s_" + str(id(loop))
@@ -160,3 +162,35 @@ async def test_heartbeat_timeout_closes_the_session(store: SessionStore) -> None
     loop.start()
     await asyncio.wait_for(loop.closed.wait(), 5)
     await loop.stop()
+
+
+async def test_what_is_said_and_seen_is_remembered_and_comes_back_in_the_prompt(store: SessionStore) -> None:
+    memory = RecordingMemory()
+    engine = ScriptedEngine(lambda r: Decision(kind="respond", text="red") if red_pixels(r) else Decision("silent"))
+    loop, sent = _loop(store, LocalEngineHandle(engine).decide, memory=memory)
+    loop.start()
+    await _feed(loop, 6)
+    loop.add_question("where did I leave my keys?")
+    await _feed(loop, 6, red_from=3)
+    await loop.stop()
+    kinds = [(kind, text) for _, kind, text, _ in memory.items]
+    assert ("user", "where did I leave my keys?") in kinds
+    assert ("response", "red") in kinds, "what the assistant said is remembered"
+    assert memory.keyframes, "the first scene (and the red one) are kept as keyframes"
+    assert memory.queries[0] == "watch", "the standing instruction selects memories"
+    assert "where did I leave my keys?" in memory.queries, "a question selects memories at once"
+    asked = [r for r in engine.requests if any("where did I leave my keys?" in line for line in r.memories)]
+    assert asked, "the memory lines reach the engine's request"
+    assert all("memory" in m["stages_ms"] for m in _ticks(sent) if m["outcome"] in ("silent", "respond"))
+    _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
+
+
+async def test_ticks_go_on_while_memory_is_lost(store: SessionStore) -> None:
+    memory = RecordingMemory()
+    memory.fail_next = 10**6
+    loop, sent = _loop(store, LocalEngineHandle(ScriptedEngine()).decide, memory=memory)
+    loop.start()
+    await _feed(loop, 8)
+    await loop.stop()
+    assert Counter(m["outcome"] for m in _ticks(sent))["silent"] >= 3
+    _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))

@@ -48,6 +48,8 @@ CONTROL_IDS = (
     "model-banner",
     "status",
     "speak-toggle",
+    "recall-input",
+    "recall",
 )
 
 

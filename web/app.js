@@ -22,6 +22,8 @@ const ui = {
   instructions: $("instructions"), instructionsEmpty: $("instructions-empty"),
   timeline: $("timeline"), latency: $("latency"), responses: $("responses"),
   responsesEmpty: $("responses-empty"), speak: $("speak-toggle"),
+  recallForm: $("recall-form"), recallInput: $("recall-input"), recallAnswer: $("recall-answer"),
+  recallQuery: $("recall-query"), recallLines: $("recall-lines"),
 };
 
 const state = {
@@ -262,6 +264,9 @@ function onMessage(data) {
     case "tick":
       onTick(message);
       break;
+    case "recall":
+      showRecall(message.query, message.lines || []);
+      break;
     case "error":
       showError(message.code, message.message);
       break;
@@ -357,6 +362,18 @@ function addResponse(tick, kind, latency) {
   }
   appendToResponses(li);
   speak(tick.text);
+}
+
+function showRecall(query, lines) {
+  ui.recallQuery.textContent = query;
+  const items = lines.length ? lines : ["Nothing in memory matches that yet."];
+  ui.recallLines.replaceChildren(...items.map((line) => {
+    const li = document.createElement("li");
+    li.textContent = line;
+    if (!lines.length) li.classList.add("muted");
+    return li;
+  }));
+  ui.recallAnswer.hidden = false;
 }
 
 function addUserQuestion(text) {
@@ -476,6 +493,21 @@ ui.ask.addEventListener("click", () => {
   } else if (send({ type: "question", text })) {
     addUserQuestion(text);
     ui.input.value = "";
+  }
+});
+
+ui.recallForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = ui.recallInput.value.trim();
+  if (!text) {
+    ui.recallInput.focus();
+    return;
+  }
+  clearError();
+  if (!state.session) {
+    showError("not_connected", "Start a session first, then ask its memory.");
+  } else if (send({ type: "recall", text })) {
+    ui.recallInput.value = "";
   }
 });
 
