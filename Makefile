@@ -27,14 +27,14 @@ browser:
 run: $(STAMP)
 	$(PY) serve_app.py
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "unit"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check actors serve_app.py tests bench load_tests
+	$(VENV)/bin/ruff check actors serve_app.py tests bench
 	$(VENV)/bin/mypy actors serve_app.py
 
 bench: $(STAMP)

@@ -95,7 +95,7 @@ class RemoteEngine:
 # Each session's memory calls land on the replica its id hashes to, which holds (or restores) that memory.
 # No fallback: a second replica would restore a second copy of the session.
 SESSION_AFFINITY = RequestRouterConfig(
-    request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
+    request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",  # type: ignore[arg-type]
     request_router_kwargs={"num_fallback_replicas": 0},
 )
 

@@ -40,7 +40,9 @@ class VigilConfig(BaseModel):
     engine: str = "transformers"
     device: str = "cpu"
     max_new_tokens: int = 40
-    image_size: int = Field(default=448, description="Longest side of a sample, in pixels, before the engine's own resize")
+    image_size: int = Field(
+        default=448, description="Longest side of a sample, in pixels, before the engine's own resize"
+    )
 
     tick_interval_s: float = 1.0
     short_term_frames: int = 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -240,7 +241,7 @@ class SessionLoop:
         stages = dict(outcome.stages_ms)
         sending = time.monotonic()
         stages["total"] = (sending - arrival) * 1000
-        final = TickOutcome(**{**_fields(outcome), "stages_ms": stages})
+        final = dataclasses.replace(outcome, stages_ms=stages)
         try:
             self.send(tick_message(final, stages["total"]))
         except Exception:  # a closing channel must not lose the recorded outcome
@@ -264,7 +265,3 @@ class SessionLoop:
         task = asyncio.get_running_loop().create_task(self.services.store.append_outcome(final))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
-
-
-def _fields(outcome: TickOutcome) -> dict[str, object]:
-    return {name: getattr(outcome, name) for name in TickOutcome.__dataclass_fields__}

@@ -7,7 +7,7 @@ import hmac
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import redis.asyncio as redis
@@ -75,7 +75,7 @@ class SessionStore:
         data = await self._redis.get(self._key(session_id))
         if data is None:
             raise UnknownSession(session_id)
-        return decode(SessionRecord, data)
+        return decode(SessionRecord, cast(bytes, data))
 
     async def authenticate(self, session_id: str, token: str | None) -> SessionRecord | None:
         """The record if `token` is this session's token, else None. Raises UnknownSession."""
@@ -101,7 +101,7 @@ class SessionStore:
         raw = await self._redis.lrange(self._key(session_id, "events"), -self._event_log_max, -1)
         result: list[TickOutcome] = []
         for item in raw:
-            outcome = decode(TickOutcome, item)
+            outcome = decode(TickOutcome, cast(bytes, item))
             if outcome.tick > after:
                 result.append(outcome)
                 if len(result) >= limit:

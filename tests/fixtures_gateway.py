@@ -11,8 +11,8 @@ import pytest
 from actors.config import VigilConfig
 from actors.ice import restrict_host_addresses
 from actors.ingest import Gateway, build_api
-from actors.messages import Decision
 from actors.memory_link import MemoryClient
+from actors.messages import Decision
 from actors.metrics import VigilMetrics
 from actors.redis_server import EmbeddedRedis
 from actors.sampler import FrameSampler

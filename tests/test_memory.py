@@ -16,7 +16,7 @@ import pytest
 import redis
 from PIL import Image
 
-from actors.embedder import CachingEmbedder, EmbedderBusy, EmbeddingBatcher, HashingEmbedder, MiniLMEmbedder
+from actors.embedder import CachingEmbedder, EmbedderBusy, EmbeddingBatcher, HashingEmbedder
 from actors.memory import (
     BadItem,
     BadQuery,

@@ -190,7 +190,7 @@ async def test_ticks_go_on_while_memory_is_lost(store: SessionStore) -> None:
     memory.fail_next = 10**6
     loop, sent = _loop(store, LocalEngineHandle(ScriptedEngine()).decide, memory=memory)
     loop.start()
-    await _feed(loop, 8)
+    await _feed(loop, 24)
     await loop.stop()
-    assert Counter(m["outcome"] for m in _ticks(sent))["silent"] >= 3
+    assert Counter(m["outcome"] for m in _ticks(sent))["silent"] >= 5
     _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from actors.frames import LatestFrameBuffer
-from actors.messages import Sample, SessionRecord, TickOutcome, TickRequest, Turn, decode, encode, MessageTooLarge
+from actors.messages import MessageTooLarge, Sample, SessionRecord, TickOutcome, TickRequest, Turn, decode, encode
 from actors.prompt import build_prompt, clock, time_tag
 from actors.sampler import FrameSampler
 from actors.session_store import SessionStore, UnknownSession
@@ -109,7 +109,7 @@ def test_prompt_layout_is_prefix_stable() -> None:
     assert len(prompt.images) == 3
     # The next tick's prompt extends this one: everything before the newest turn is unchanged.
     later = build_prompt(TickRequest(session_id="s", tick=4, stream_time=3.0,
-                                     samples=request.samples + (_sample(3.0),), instructions=request.instructions,
+                                     samples=(*request.samples, _sample(3.0)), instructions=request.instructions,
                                      dialog=dialog))
     assert later.messages[:5] == prompt.messages[:5]
 
