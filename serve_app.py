@@ -110,11 +110,18 @@ class Memory(MemoryApi):
         logging.basicConfig(level=logging.INFO)
         memory_config = MemoryConfig(ttl_s=config.session_ttl_s)
         embedder = await asyncio.to_thread(MiniLMEmbedder)
+        self.summarizer = None
+        if config.summary_model:
+            from actors.summary_engine import ModelSummarizer
+
+            self.summarizer = await asyncio.to_thread(ModelSummarizer, config.summary_model, config.summary_device)
         store = MemoryStore.from_config(config.redis_url or "", memory_config)
-        super().__init__(MemoryService(embedder, memory_config, store), store)
+        super().__init__(MemoryService(embedder, memory_config, store, self.summarizer), store)
 
     async def __del__(self) -> None:
         await self.close()
+        if self.summarizer is not None:
+            self.summarizer.close()
 
 
 class RemoteMemory:

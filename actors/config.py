@@ -61,6 +61,10 @@ class VigilConfig(BaseModel):
 
     memory: bool = Field(default=True, description="12-hour session memory (retrieval in the prompt, recall)")
     memory_replicas: int = 1
+    summary_model: str | None = Field(
+        default=None, description="a causal LM that writes memory summaries; unset: extractive summaries"
+    )
+    summary_device: str = "cpu"
     memory_cpus: float = 0.25
     memory_top_k: int = 8
     memory_timeout_s: float = Field(default=0.5, description="a tick waits this long for memory lines")
