@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -29,7 +29,7 @@ from actors.memory import MemoryConfig
 from actors.memory_api import MemoryApi
 from actors.memory_persistence import MemoryStore
 from actors.memory_service import MemoryService
-from actors.messages import Decision, SampleVerdict, TickRequest
+from actors.messages import Decision, MemoryContext, SampleVerdict, TickRequest
 from actors.metrics import VigilMetrics
 from actors.sampler import FrameSampler
 from actors.session_loop import TickServices
@@ -144,8 +144,8 @@ class RemoteMemory:
     async def add_keyframe(self, session_id: str, stream_time: float, image: np.ndarray, caption: str) -> None:
         await self._call("add_keyframe", session_id, stream_time, image, caption)
 
-    async def context(self, session_id: str, query: str | None, k: int) -> tuple[str, ...]:
-        return tuple(await self._call("context", session_id, query, k))
+    async def context(self, session_id: str, query: str | None, k: int) -> MemoryContext:
+        return cast(MemoryContext, await self._call("context", session_id, query, k))
 
     async def recall(self, session_id: str, question: str, k: int) -> tuple[str, ...]:
         return tuple(await self._call("recall", session_id, question, k))

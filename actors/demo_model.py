@@ -267,6 +267,13 @@ def random_request(rng: np.random.Generator, pool: FramePool | None = None) -> t
         (_BACKGROUND_RESULTS[int(rng.integers(0, len(_BACKGROUND_RESULTS)))],) if rng.random() < 0.1 else ()
     )
     memories = _memory_lines(rng, times[0]) if rng.random() < 0.4 else ()
+    lookback: tuple[Sample, ...] = ()
+    if rng.random() < 0.35:
+        # An old scene memory brought back: a disc in it is no disc now.
+        then = round(float(rng.uniform(0, max(times[0] - 30, 1.0))), 1)
+        old_disc = bool(rng.random() < 0.7)
+        lookback = (pool.draw(then, old_disc, rng) if pool is not None
+                    else random_sample(then, old_disc, rng, width, height),)
     request = TickRequest(
         session_id="demo",
         tick=int(times[-1]),
@@ -276,6 +283,7 @@ def random_request(rng: np.random.Generator, pool: FramePool | None = None) -> t
         dialog=tuple(dialog),
         inbox=inbox,
         memories=memories,
+        lookback=lookback,
     )
     return request, discs[-1]
 

@@ -91,6 +91,7 @@ class MemoryConfig(BaseModel):
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     keyframe_side: int = 160
+    lookback_after_s: float = Field(default=30.0, ge=0, description="a keyframe comes back only if older")
     keyframe_quality: int = 70
     max_keyframes: int = 512
     summary_queue: int = Field(default=8, ge=2, description="owed summaries before the newest ones merge")

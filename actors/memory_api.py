@@ -11,6 +11,7 @@ import numpy as np
 
 from actors.memory_persistence import MemoryStore
 from actors.memory_service import MemoryService
+from actors.messages import MemoryContext
 
 
 class MemoryApi:
@@ -26,7 +27,7 @@ class MemoryApi:
         await self.service.hold(session_id)
         await self.service.add_keyframe(session_id, stream_time, image, caption)
 
-    async def context(self, session_id: str, query: str | None, k: int) -> tuple[str, ...]:
+    async def context(self, session_id: str, query: str | None, k: int) -> MemoryContext:
         await self.service.hold(session_id)
         return await self.service.context(session_id, query, k)
 

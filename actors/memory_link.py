@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from actors.messages import MemoryContext
 from actors.metrics import VigilMetrics
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class MemoryClient(Protocol):
 
     async def add_keyframe(self, session_id: str, stream_time: float, image: np.ndarray, caption: str) -> None: ...
 
-    async def context(self, session_id: str, query: str | None, k: int) -> tuple[str, ...]: ...
+    async def context(self, session_id: str, query: str | None, k: int) -> MemoryContext: ...
 
     async def recall(self, session_id: str, question: str, k: int) -> tuple[str, ...]: ...
 
@@ -76,9 +77,9 @@ class SessionMemoryLink:
         self.settings = settings or MemoryLinkSettings()
         self._queue: asyncio.Queue[MemoryWrite] = asyncio.Queue(maxsize=self.settings.queue)
         self._writer: asyncio.Task[None] | None = None
-        self._lines: tuple[str, ...] = ()
-        self._lines_query: str | None = None
-        self._lines_at = float("-inf")
+        self._context = MemoryContext()
+        self._query: str | None = None
+        self._fetched_at = float("-inf")
         self.written = 0
 
     def start(self) -> None:
@@ -152,24 +153,24 @@ class SessionMemoryLink:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
-    async def lines(self, query: str | None, fresh: bool = False) -> tuple[str, ...]:
-        """The memory lines of a tick's prompt for `query`; cached for `refresh_s` unless `fresh` or the query
-        changed. On a memory failure the tick goes on with the lines it had."""
+    async def context(self, query: str | None, fresh: bool = False) -> MemoryContext:
+        """The memory of a tick's prompt for `query`; cached for `refresh_s` unless `fresh` or the query
+        changed. On a memory failure the tick goes on with what it had."""
         now = time.monotonic()
-        if not fresh and query == self._lines_query and now - self._lines_at < self.settings.refresh_s:
-            return self._lines
+        if not fresh and query == self._query and now - self._fetched_at < self.settings.refresh_s:
+            return self._context
         try:
-            lines = await asyncio.wait_for(
+            context = await asyncio.wait_for(
                 self.client.context(self.session_id, query, self.settings.top_k), self.settings.timeout_s
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.metrics.memory_errors_total.labels(call="context").inc()
-            log.debug("session %s: no memory lines this tick: %r", self.session_id, exc)
-            return self._lines
-        self._lines, self._lines_query, self._lines_at = tuple(lines), query, now
-        return self._lines
+            log.debug("session %s: no fresh memory this tick: %r", self.session_id, exc)
+            return self._context
+        self._context, self._query, self._fetched_at = context, query, now
+        return context
 
     async def recall(self, question: str, k: int = 5, timeout_s: float = 5.0) -> tuple[str, ...]:
         """What memory holds on `question`, with times; raises on failure (the caller tells the user)."""

@@ -32,6 +32,7 @@ from actors.memory import (
     MemoryConfig,
     MemoryRequestError,
     SessionMemory,
+    parse_clock,
 )
 from actors.memory_persistence import MemoryStore, MemoryUnavailable, decode_snapshot, encode_snapshot
 from actors.memory_tiers import (
@@ -44,6 +45,7 @@ from actors.memory_tiers import (
     encode_keyframe,
     extract_summary,
 )
+from actors.messages import MemoryContext
 from actors.session_store import UnknownSession
 
 log = logging.getLogger(__name__)
@@ -450,13 +452,22 @@ class MemoryService:
         vector = await self._embedder.embed(query)
         return await asyncio.to_thread(memory.prompt_lines, query, k, POINT_KINDS, vector)
 
-    async def context(self, session_id: str, query: str | None, k: int = 10) -> tuple[str, ...]:
+    async def context(self, session_id: str, query: str | None, k: int = 10) -> MemoryContext:
         """All the memory a tick's prompt gets: the long-term blocks and mid-term summaries, then the lines
-        `query` selects (the standing instructions or the user's question), each with its times."""
+        `query` selects (the standing instructions or the user's question), each with its times; and when
+        the query names a moment older than the short-term window, the keyframe of the scene then."""
         lines = await self.tier_lines(session_id)
         if query is None:
-            return lines
-        return tuple(dict.fromkeys((*lines, *await self.prompt_lines(session_id, query, k))))
+            return MemoryContext(lines=lines)
+        lines = tuple(dict.fromkeys((*lines, *await self.prompt_lines(session_id, query, k))))
+        memory = self._session(session_id).memory
+        moment = parse_clock(query, memory.newest_time)
+        keyframes: tuple[tuple[float, bytes], ...] = ()
+        if moment is not None and moment < memory.newest_time - self.config.lookback_after_s:
+            found = await asyncio.to_thread(memory.keyframe_at, moment)
+            if found is not None:
+                keyframes = ((found[0].stream_time, found[1]),)
+        return MemoryContext(lines=lines, keyframes=keyframes)
 
     async def recall(self, session_id: str, question: str, k: int = 5) -> tuple[str, ...]:
         """Answer "what happened at 10:30?" or "when did I last see my keys?" from memory alone: what was

@@ -68,6 +68,15 @@ class TickRequest:
     dialog: tuple[Turn, ...] = ()
     inbox: tuple[str, ...] = ()
     memories: tuple[str, ...] = ()
+    lookback: tuple[Sample, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryContext:
+    """What memory gives a tick: prompt lines with their times, and old keyframes (JPEG) brought back."""
+
+    lines: tuple[str, ...] = ()
+    keyframes: tuple[tuple[float, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +125,7 @@ M = TypeVar("M")
 
 _NESTED: dict[type, dict[str, type]] = {
     SampleVerdict: {"sample": Sample},
-    TickRequest: {"samples": Sample, "dialog": Turn},
+    TickRequest: {"samples": Sample, "dialog": Turn, "lookback": Sample},
 }
 
 

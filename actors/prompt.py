@@ -6,7 +6,8 @@ Order, most stable first, so that an engine's prefix cache keeps hitting:
 2. memory blocks (long-term, mid-term, retrieved), each line stamped with stream time;
 3. the short-term window: one user turn per second holding `<t seconds>` and one image (plus any user message
    that arrived in that second), each followed by the assistant's decision at that second;
-4. the pending inbox (results of delegated questions), in the newest user turn.
+4. in the newest user turn, before its frame: old keyframes memory brought back (a question named their time);
+   after it, the pending inbox (results of delegated questions).
 
 Between summary boundaries only parts 3 and 4 change, and they change at the end.
 """
@@ -71,7 +72,12 @@ def build_prompt(request: TickRequest) -> Prompt:
     previous = float("-inf")
     last = len(request.samples) - 1
     for index, sample in enumerate(request.samples):
-        content: list[dict[str, Any]] = [_text(time_tag(sample.stream_time)), {"type": "image"}]
+        content: list[dict[str, Any]] = []
+        if index == last:
+            for old in request.lookback:
+                recalled = f"Recalled from memory, the scene at {clock(old.stream_time)}:"
+                content.extend([_text(recalled), {"type": "image"}])
+        content.extend([_text(time_tag(sample.stream_time)), {"type": "image"}])
         for turn in user_turns:
             if previous < turn.stream_time <= sample.stream_time or (index == last and turn.stream_time > previous):
                 content.append(_text(turn.text))
@@ -82,4 +88,5 @@ def build_prompt(request: TickRequest) -> Prompt:
             reply = replies.get(round(sample.stream_time, 3), SILENCE)
             messages.append({"role": "assistant", "content": [_text(reply)]})
         previous = sample.stream_time
-    return Prompt(messages=messages, images=list(request.samples))
+    images = [*request.samples[:-1], *request.lookback, request.samples[-1]]
+    return Prompt(messages=messages, images=images)

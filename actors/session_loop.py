@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
 import time
 from collections import deque
@@ -11,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from actors.channel import instructions_message, tick_message
 from actors.config import VigilConfig
@@ -18,7 +20,7 @@ from actors.decisions import format_decision
 from actors.engine import ReplicaFailed
 from actors.frames import ArrivedFrame, LatestFrameBuffer
 from actors.memory_link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
-from actors.messages import Decision, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
+from actors.messages import Decision, MemoryContext, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
 from actors.metrics import VigilMetrics
 from actors.session_store import SessionStore
 
@@ -39,6 +41,20 @@ class TickServices:
     store: SessionStore
     metrics: VigilMetrics
     memory: MemoryClient | None = None
+
+
+def keyframe_samples(keyframes: tuple[tuple[float, bytes], ...]) -> tuple[Sample, ...]:
+    """JPEG keyframes from memory as RGB samples for the prompt; an undecodable one is left out."""
+    samples = []
+    for stream_time, jpeg in keyframes:
+        try:
+            with Image.open(io.BytesIO(jpeg)) as image:
+                rgb = image.convert("RGB")
+        except (OSError, ValueError):
+            log.warning("a keyframe from memory could not be decoded; left out of the prompt")
+            continue
+        samples.append(Sample(stream_time=stream_time, width=rgb.width, height=rgb.height, rgb=rgb.tobytes()))
+    return tuple(samples)
 
 
 def frame_to_rgb(frame: object) -> np.ndarray:
@@ -80,6 +96,8 @@ class SessionLoop:
         self._inflight: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
+        self._lookback_of: MemoryContext | None = None
+        self._lookback_samples: tuple[Sample, ...] = ()
         self.memory: SessionMemoryLink | None = None
         if services.memory is not None:
             self.memory = SessionMemoryLink(session_id, services.memory, services.metrics, MemoryLinkSettings(
@@ -127,6 +145,13 @@ class SessionLoop:
     def _remember(self, kind: str, text: str, stream_time: float, image: np.ndarray | None = None) -> None:
         if self.memory is not None and text.strip():
             self.memory.remember(MemoryWrite(kind, text, max(0.0, stream_time), image))
+
+    async def _lookback(self, context: MemoryContext) -> tuple[Sample, ...]:
+        """Old keyframes as samples, decoded once per memory context (it is reused between refreshes)."""
+        if context is not self._lookback_of:
+            self._lookback_of = context
+            self._lookback_samples = await asyncio.to_thread(keyframe_samples, context.keyframes)
+        return self._lookback_samples
 
     def _memory_query(self) -> str | None:
         """What selects the prompt's memories: the newest question when one waits, else the instructions."""
@@ -211,12 +236,15 @@ class SessionLoop:
                 wall_time=time.time(), stages_ms=stages,
             )
         memories: tuple[str, ...] = ()
+        lookback: tuple[Sample, ...] = ()
         if self.memory is not None:
-            memories = await self.memory.lines(self._memory_query(), fresh=asked)
+            context = await self.memory.context(self._memory_query(), fresh=asked)
+            memories, lookback = context.lines, await self._lookback(context)
             stages["memory"] = (time.monotonic() - sampled) * 1000
         request = TickRequest(
             session_id=self.session_id, tick=tick, stream_time=stream_time, samples=tuple(self._window),
             instructions=self.instructions, dialog=tuple(self._dialog), inbox=inbox, memories=memories,
+            lookback=lookback,
         )
         deciding = time.monotonic()
         decision = await self.services.decide(request)

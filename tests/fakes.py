@@ -13,7 +13,7 @@ import numpy as np
 import uvicorn
 
 from actors.engine import Engine, EngineError, EngineInfo, ReplicaFailed
-from actors.messages import Decision, TickRequest
+from actors.messages import Decision, MemoryContext, TickRequest
 
 
 class ScriptedEngine(Engine):
@@ -117,6 +117,7 @@ class RecordingMemory:
         self.fail_next = 0
         self.refuse: set[str] = set()
         self.released: list[str] = []
+        self.lookback: tuple[tuple[float, bytes], ...] = ()  # keyframes every context brings back
 
     def _maybe_fail(self) -> None:
         if self.fail_next > 0:
@@ -133,13 +134,14 @@ class RecordingMemory:
         self._maybe_fail()
         self.keyframes.append((session_id, stream_time, image.shape))
 
-    async def context(self, session_id: str, query: str | None, k: int) -> tuple[str, ...]:
+    async def context(self, session_id: str, query: str | None, k: int) -> MemoryContext:
         self._maybe_fail()
         self.queries.append(query)
-        return tuple(f"at {t:.0f} s {kind}: {text}" for sid, kind, text, t in self.items if sid == session_id)[-k:]
+        lines = tuple(f"at {t:.0f} s {kind}: {text}" for sid, kind, text, t in self.items if sid == session_id)
+        return MemoryContext(lines=lines[-k:], keyframes=self.lookback)
 
     async def recall(self, session_id: str, question: str, k: int) -> tuple[str, ...]:
-        return await self.context(session_id, question, k)
+        return (await self.context(session_id, question, k)).lines
 
     async def release(self, session_id: str) -> None:
         self.released.append(session_id)

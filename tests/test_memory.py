@@ -567,3 +567,23 @@ async def test_concurrent_embeddings_share_model_calls_and_the_queue_is_bounded(
         await asyncio.gather(*waiting[:-1])
     finally:
         await batcher.close()
+
+
+async def test_a_question_naming_an_old_moment_brings_its_keyframe_back() -> None:
+    async with MemoryService(HashingEmbedder(), MemoryConfig(lookback_after_s=30)) as service:
+        await service.create("lookback")
+        red = np.zeros((90, 120, 3), np.uint8)
+        red[..., 0] = 220
+        blue = np.zeros((90, 120, 3), np.uint8)
+        blue[..., 2] = 220
+        await service.add_keyframe("lookback", 10.0, red, "a new scene")
+        await service.add_keyframe("lookback", 100.0, blue, "a new scene")
+        await service.add("lookback", "user", "is the door open?", 200.0)
+        context = await service.context("lookback", "what was there at 00:00:12?", k=5)
+        assert [t for t, _ in context.keyframes] == [10.0], "the scene at that moment: the newest keyframe before"
+        pixel = np.asarray(Image.open(io.BytesIO(context.keyframes[0][1])).convert("RGB"))[40, 60]
+        assert pixel[0] > 180 and pixel[2] < 60, "the red scene came back"
+        assert any(line.startswith("at 00:00:10 you saw a new scene") for line in context.lines)
+        assert (await service.context("lookback", "what was at 00:03:10?", k=5)).keyframes == (), "too recent"
+        assert (await service.context("lookback", "is the door open?", k=5)).keyframes == (), "no time named"
+        assert (await service.context("lookback", None, k=5)).keyframes == ()

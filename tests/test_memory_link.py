@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from actors.memory_link import MemoryLinkSettings, MemoryWrite, SessionMemoryLink
+from actors.messages import MemoryContext
 from actors.metrics import VigilMetrics
 from tests.fakes import RecordingMemory
 
@@ -85,12 +86,12 @@ async def test_prompt_lines_are_cached_until_refresh_or_a_new_query() -> None:
     memory = RecordingMemory()
     memory.items.append(("s1", "user", "my keys are on the shelf", 5.0))
     link, _ = _link(memory, refresh_s=60.0)
-    first = await link.lines("watch the door")
-    assert first == ("at 5 s user: my keys are on the shelf",)
+    first = await link.context("watch the door")
+    assert first.lines == ("at 5 s user: my keys are on the shelf",)
     memory.items.append(("s1", "user", "the cat came in", 6.0))
-    assert await link.lines("watch the door") == first, "cached: the prompt's memory block stays stable"
-    assert len(await link.lines("watch the door", fresh=True)) == 2
-    assert len(await link.lines("where are my keys?")) == 2
+    assert await link.context("watch the door") is first, "cached: the prompt's memory block stays stable"
+    assert len((await link.context("watch the door", fresh=True)).lines) == 2
+    assert len((await link.context("where are my keys?")).lines) == 2
     assert memory.queries == ["watch the door", "watch the door", "where are my keys?"]
 
 
@@ -98,20 +99,20 @@ async def test_a_failing_memory_keeps_the_last_lines_and_counts() -> None:
     memory = RecordingMemory()
     memory.items.append(("s1", "user", "hello", 1.0))
     link, metrics = _link(memory, refresh_s=0.0)
-    lines = await link.lines("q")
+    context = await link.context("q")
     memory.fail_next = 1
-    assert await link.lines("q") == lines
+    assert await link.context("q") is context
     assert _count(metrics, "vigil_memory_errors_total", call="context") == 1
 
 
 async def test_a_slow_memory_does_not_hold_the_tick() -> None:
     class Slow(RecordingMemory):
-        async def context(self, session_id: str, query: str | None, k: int) -> tuple[str, ...]:
+        async def context(self, session_id: str, query: str | None, k: int) -> MemoryContext:
             await asyncio.sleep(5)
-            return ()
+            return MemoryContext()
 
     link, metrics = _link(Slow(), timeout_s=0.05)
     started = asyncio.get_running_loop().time()
-    assert await link.lines("q") == ()
+    assert await link.context("q") == MemoryContext()
     assert asyncio.get_running_loop().time() - started < 1.0
     assert _count(metrics, "vigil_memory_errors_total", call="context") == 1

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from actors.config import VigilConfig
 from actors.engine import ReplicaFailed
@@ -183,6 +185,24 @@ async def test_what_is_said_and_seen_is_remembered_and_comes_back_in_the_prompt(
     assert asked, "the memory lines reach the engine's request"
     assert all("memory" in m["stages_ms"] for m in _ticks(sent) if m["outcome"] in ("silent", "respond"))
     _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
+
+
+async def test_a_recalled_keyframe_reaches_the_engine_as_an_image(store: SessionStore) -> None:
+    frame = Image.new("RGB", (40, 30), (10, 200, 10))
+    jpeg = io.BytesIO()
+    frame.save(jpeg, format="JPEG")
+    memory = RecordingMemory()
+    memory.lookback = ((61.0, jpeg.getvalue()), (62.0, b"not a jpeg"))
+    engine = ScriptedEngine()
+    loop, _ = _loop(store, LocalEngineHandle(engine).decide, memory=memory)
+    loop.start()
+    await _feed(loop, 6)
+    await loop.stop()
+    assert engine.requests and all(len(r.lookback) == 1 for r in engine.requests), "the broken one is left out"
+    old = engine.requests[-1].lookback[0]
+    assert (old.stream_time, old.width, old.height) == (61.0, 40, 30)
+    rgb = np.frombuffer(old.rgb, np.uint8).reshape(30, 40, 3)
+    assert rgb[15, 20, 1] > 150 and rgb[15, 20, 0] < 60
 
 
 async def test_ticks_go_on_while_memory_is_lost(store: SessionStore) -> None:

@@ -114,6 +114,21 @@ def test_prompt_layout_is_prefix_stable() -> None:
     assert later.messages[:5] == prompt.messages[:5]
 
 
+def test_memory_lines_and_recalled_keyframes_take_their_places() -> None:
+    request = TickRequest(session_id="s", tick=9, stream_time=900.0, samples=(_sample(899.0), _sample(900.0)),
+                          instructions=("watch the door",), memories=("at 00:10:00 you said: The door opened.",),
+                          lookback=(_sample(610.0),), dialog=(Turn(role="user", text="what was at 00:10:10?",
+                                                                   stream_time=899.5),))
+    prompt = build_prompt(request)
+    system = prompt.messages[0]["content"][0]["text"]
+    assert system.index("watch the door") < system.index("Memory:\nat 00:10:00 you said: The door opened.")
+    last = [part.get("text") for part in prompt.messages[-1]["content"]]
+    assert last == ["Recalled from memory, the scene at 00:10:10:", None, time_tag(900.0), None,
+                    "what was at 00:10:10?"]
+    # Images in the order of their placeholders: the window's older frames, the recalled one, the current one.
+    assert [s.stream_time for s in prompt.images] == [899.0, 610.0, 900.0]
+
+
 def test_time_formats() -> None:
     assert time_tag(12.04) == "<12.0 seconds>"
     assert clock(3 * 3600 + 14 * 60 + 7.9) == "03:14:07"

@@ -4,6 +4,7 @@ model that cannot be loaded falls back to the demo model (or fails saying what w
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -120,6 +121,23 @@ async def test_demo_model_speaks_only_when_the_current_frame_shows_the_disc(
     for name, right in by_case.items():
         assert sum(right) >= 19, f"{name}: {sum(right)}/20 right"
     assert demo_engine.info().demo and demo_engine.info().note == DEMO_NOTE
+
+
+async def test_memory_in_the_prompt_does_not_sway_the_demo_model(demo_engine: TransformersEngine) -> None:
+    """Memory lines and a recalled old scene with a disc in it: the current frame still decides."""
+    rng = np.random.default_rng(77)
+    memories = ("at 00:00:05 you said: I see a red disc.", "at 00:00:07 the user said: is it still there?")
+    cases: list[tuple[TickRequest, bool]] = []
+    for i in range(20):
+        width, height = HELD_OUT_SIZES[i % len(HELD_OUT_SIZES)]
+        old_disc = Sample(5.0, width, height, render_frame(width, height, True, rng).tobytes())
+        for disc in (False, True):
+            request = window(rng, [disc], (width, height), start=90.0 + i)
+            cases.append((dataclasses.replace(request, memories=memories, lookback=(old_disc,)), disc))
+    decisions = await demo_engine.decide([request for request, _ in cases])
+    right = [decision.kind == ("respond" if disc else "silent") for (_, disc), decision in zip(cases, decisions,
+                                                                                              strict=True)]
+    assert sum(right) >= 38, f"{sum(right)}/40 right with memory in the prompt"
 
 
 async def test_a_batch_decides_as_its_requests_one_by_one(demo_engine: TransformersEngine) -> None:
