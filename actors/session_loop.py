@@ -92,6 +92,7 @@ class SessionLoop:
         self._dialog: deque[Turn] = deque(maxlen=max(2, config.dialog_turns * 2))
         self._signature: bytes | None = None
         self._question_pending = False
+        self._delegated: str | None = None
         self._scheduler: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
@@ -153,13 +154,18 @@ class SessionLoop:
             self._lookback_samples = await asyncio.to_thread(keyframe_samples, context.keyframes)
         return self._lookback_samples
 
-    def _memory_query(self) -> str | None:
-        """What selects the prompt's memories: the newest question when one waits, else the instructions."""
+    def _memory_query(self, asked: bool) -> tuple[str | None, bool]:
+        """What selects the prompt's memories, and whether to fetch them now rather than reuse the last: the
+        newest question when one waits, then a question just delegated (what memory holds on it goes into the
+        next prompt), else the standing instructions."""
         if self._question_pending:
-            asked = [turn.text for turn in self._dialog if turn.role == "user"]
-            if asked:
-                return asked[-1]
-        return "; ".join(self.instructions) or None
+            questions = [turn.text for turn in self._dialog if turn.role == "user"]
+            if questions:
+                return questions[-1], True
+        if self._delegated is not None:
+            question, self._delegated = self._delegated, None
+            return question, True
+        return "; ".join(self.instructions) or None, asked
 
     # -- ticking -------------------------------------------------------------------------------------------
 
@@ -238,7 +244,8 @@ class SessionLoop:
         memories: tuple[str, ...] = ()
         lookback: tuple[Sample, ...] = ()
         if self.memory is not None:
-            context = await self.memory.context(self._memory_query(), fresh=asked)
+            query, fresh = self._memory_query(asked)
+            context = await self.memory.context(query, fresh=fresh)
             memories, lookback = context.lines, await self._lookback(context)
             stages["memory"] = (time.monotonic() - sampled) * 1000
         request = TickRequest(
@@ -255,6 +262,7 @@ class SessionLoop:
             said = decision.text
             if decision.question:
                 said = f"{said} (asked the background assistant: {decision.question})"
+                self._delegated = decision.question
             self._remember("response", said, stream_time)
         return TickOutcome(
             session_id=self.session_id, tick=tick, stream_time=stream_time, outcome=decision.kind,

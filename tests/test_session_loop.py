@@ -187,6 +187,20 @@ async def test_what_is_said_and_seen_is_remembered_and_comes_back_in_the_prompt(
     _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
 
 
+async def test_a_delegated_question_selects_the_next_ticks_memories(store: SessionStore) -> None:
+    memory = RecordingMemory()
+    decisions = iter([Decision(kind="delegate", text="Let me check.", question="how many cups were on the table?")])
+    engine = ScriptedEngine(lambda r: next(decisions, Decision(kind="silent")))
+    loop, _ = _loop(store, LocalEngineHandle(engine).decide, memory=memory, memory_refresh_s=60.0)
+    loop.start()
+    await _feed(loop, 10)
+    await loop.stop()
+    assert memory.queries[:2] == ["watch", "how many cups were on the table?"]
+    assert set(memory.queries[2:]) <= {"watch"}, "afterwards the instructions' memories again"
+    assert ("response", "Let me check. (asked the background assistant: how many cups were on the table?)") in [
+        (kind, text) for _, kind, text, _ in memory.items]
+
+
 async def test_a_recalled_keyframe_reaches_the_engine_as_an_image(store: SessionStore) -> None:
     frame = Image.new("RGB", (40, 30), (10, 200, 10))
     jpeg = io.BytesIO()
