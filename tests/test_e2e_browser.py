@@ -54,7 +54,6 @@ async def test_response_within_two_seconds_of_the_trigger(vigil_demo: RunningVig
             else:
                 marks_before = marks
             await asyncio.sleep(0.05)
-        await page.screenshot(path=str(tmp_path / "vigil-e2e.png"))
         assert responded_at >= TRIGGER_AT_S, f"a response at clip time {responded_at:.2f} s, before the disc"
         assert responded_at <= TRIGGER_AT_S + 2.0, f"the response came {responded_at - TRIGGER_AT_S:.2f} s late"
         assert marks_before >= 6, "the timeline shows the silent seconds before the trigger"
@@ -71,6 +70,7 @@ async def test_response_within_two_seconds_of_the_trigger(vigil_demo: RunningVig
         said_at = parse_clock(recalled)
         # Stream time counts from the first frame Vigil received, a moment after the clip started.
         assert said_at is not None and TRIGGER_AT_S - 2 <= said_at <= TRIGGER_AT_S + 3, recalled
+        await page.screenshot(path=str(tmp_path / "vigil-e2e.png"), full_page=True)
         await page.click("#stop")
         await page.wait_for_selector('#status[data-state="stopped"]', timeout=10_000)
         assert not browser.console_errors(), browser.log()
