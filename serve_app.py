@@ -93,10 +93,11 @@ class RemoteEngine:
 
 
 # Each session's memory calls land on the replica its id hashes to, which holds (or restores) that memory.
-# No fallback: a second replica would restore a second copy of the session.
+# One fallback, the next replica on the ring: when the owner dies, its sessions go at once to the replica that
+# owns them once the ring is rebuilt, instead of queueing (and holding up other sessions' calls) until then.
 SESSION_AFFINITY = RequestRouterConfig(
     request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",  # type: ignore[arg-type]
-    request_router_kwargs={"num_fallback_replicas": 0},
+    request_router_kwargs={"num_fallback_replicas": 1},
 )
 
 

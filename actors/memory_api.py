@@ -21,11 +21,13 @@ class MemoryApi:
 
     async def add(self, session_id: str, kind: str, text: str, stream_time: float) -> None:
         await self.service.hold(session_id)
-        await self.service.add_healing(session_id, kind, text, stream_time)
+        await self.service.healing(session_id, lambda: self.service.add(session_id, kind, text, stream_time))
 
     async def add_keyframe(self, session_id: str, stream_time: float, image: np.ndarray, caption: str) -> None:
         await self.service.hold(session_id)
-        await self.service.add_keyframe(session_id, stream_time, image, caption)
+        await self.service.healing(
+            session_id, lambda: self.service.add_keyframe(session_id, stream_time, image, caption)
+        )
 
     async def context(self, session_id: str, query: str | None, k: int) -> MemoryContext:
         await self.service.hold(session_id)

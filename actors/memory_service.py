@@ -17,7 +17,7 @@ import math
 import numbers
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,17 +257,18 @@ class MemoryService:
             if not lock.locked():
                 self._opening.pop(session_id, None)
 
-    async def add_healing(self, session_id: str, kind: str, text: str, stream_time: float) -> MemoryItem:
-        """`add`; when the log refuses the item because another replica wrote to this session since (it had
-        moved away and back), restore the newer memory and add again, once."""
+    async def healing(self, session_id: str, write: Callable[[], Awaitable[MemoryItem]]) -> MemoryItem:
+        """Run `write` (an `add` or `add_keyframe` of this session); when the log refuses it because another
+        replica wrote to this session since (it moved away and back, or a busy owner's call went to the
+        fallback replica), restore the newer memory and write again, once."""
         try:
-            return await self.add(session_id, kind, text, stream_time)
+            return await write()
         except MemoryUnavailable:
             if self.store is None or not await self.store.exists(session_id):
                 raise
             log.info("session %s: memory changed elsewhere; restoring before writing", session_id)
             await self.restore(session_id)
-            return await self.add(session_id, kind, text, stream_time)
+            return await write()
 
     async def release(self, session_id: str) -> None:
         """Stop holding a session here (its memory stays in Redis for the next owner)."""

@@ -27,6 +27,7 @@ from actors.memory import (
     UnknownSession,
     parse_clock,
 )
+from actors.memory_api import MemoryApi
 from actors.memory_persistence import MemoryStore, MemoryUnavailable, encode_snapshot
 from actors.memory_service import MemoryService
 from actors.memory_tiers import MemoryItem, Summarizer, extract_summary
@@ -587,3 +588,23 @@ async def test_a_question_naming_an_old_moment_brings_its_keyframe_back() -> Non
         assert (await service.context("lookback", "what was at 00:03:10?", k=5)).keyframes == (), "too recent"
         assert (await service.context("lookback", "is the door open?", k=5)).keyframes == (), "no time named"
         assert (await service.context("lookback", None, k=5)).keyframes == ()
+
+
+async def test_two_replicas_writing_one_session_converge(store: MemoryStore) -> None:
+    """A call that goes to the fallback replica makes it hold a second copy; the owner's next write is refused
+    by the log, so it restores the newer memory first and answers with everything acknowledged."""
+    owner = MemoryApi(MemoryService(HashingEmbedder(), MemoryConfig(), store), store)
+    fallback = MemoryApi(MemoryService(HashingEmbedder(), MemoryConfig(), store), store)
+    try:
+        await owner.add("split", "user", "the kettle is on the stove", 1.0)
+        await fallback.add("split", "user", "the toaster is unplugged", 2.0)  # restored there, then written
+        await owner.add("split", "user", "the window is open", 3.0)  # refused, restored, written again
+        await fallback.add_keyframe("split", 4.0, np.zeros((30, 40, 3), np.uint8), "a new scene")
+        await owner.add_keyframe("split", 5.0, np.zeros((30, 40, 3), np.uint8), "a new scene")
+        texts = [item.text for item in owner.service.get("split").items()]
+        assert texts == ["the kettle is on the stove", "the toaster is unplugged", "the window is open",
+                         "a new scene", "a new scene"]
+        assert any("toaster" in line for line in await owner.recall("split", "is the toaster plugged in?", 3))
+    finally:
+        await owner.service.close()
+        await fallback.service.close()
