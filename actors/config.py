@@ -70,6 +70,7 @@ class VigilConfig(BaseModel):
     memory_timeout_s: float = Field(default=0.5, description="a tick waits this long for memory lines")
     memory_refresh_s: float = Field(default=30.0, description="memory lines for the instructions are reused")
     keyframe_change: float = Field(default=0.3, description="change score from which a sample is a keyframe")
+    keyframe_every_s: float = Field(default=5.0, description="at most one keyframe per this much stream time")
 
     interaction_replicas: int = 1
     max_ongoing_requests: int = 64

@@ -93,6 +93,7 @@ class SessionLoop:
         self._signature: bytes | None = None
         self._question_pending = False
         self._delegated: str | None = None
+        self._keyframe_at = float("-inf")
         self._scheduler: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
@@ -224,7 +225,10 @@ class SessionLoop:
         self._signature = verdict.signature
         if verdict.sample is not None:
             self._window.append(verdict.sample)
-            if verdict.change_score >= self.config.keyframe_change:
+            if (verdict.change_score >= self.config.keyframe_change
+                    and stream_time - self._keyframe_at >= self.config.keyframe_every_s):
+                # A camera that keeps moving changes every second: keyframes are rationed, not one a tick.
+                self._keyframe_at = stream_time
                 sample = verdict.sample
                 image = np.frombuffer(sample.rgb, np.uint8).reshape(sample.height, sample.width, 3)
                 self._remember("keyframe", "a new scene", stream_time, image)

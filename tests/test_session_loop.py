@@ -228,3 +228,14 @@ async def test_ticks_go_on_while_memory_is_lost(store: SessionStore) -> None:
     await loop.stop()
     assert Counter(m["outcome"] for m in _ticks(sent))["silent"] >= 5
     _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
+
+
+async def test_keyframes_are_rationed_when_every_frame_is_a_new_scene(store: SessionStore) -> None:
+    memory = RecordingMemory()
+    loop, _ = _loop(store, LocalEngineHandle(ScriptedEngine()).decide, memory=memory, keyframe_every_s=10.0)
+    loop.start()
+    for index in range(16):  # black and white in turn: every sample is a scene change
+        loop.frames.put(np.full((24, 32, 3), 255 * (index % 2), np.uint8))
+        await asyncio.sleep(INTERVAL)
+    await loop.stop()
+    assert len(memory.keyframes) == 1, memory.keyframes
