@@ -21,7 +21,10 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
-from actors.config import VigilConfig
+from actors.common.config import VigilConfig
+from actors.common.messages import Decision, MemoryContext, SampleVerdict, TickRequest
+from actors.common.metrics import VigilMetrics
+from actors.common.session_store import SessionStore
 from actors.engine import EngineInfo, ReplicaFailed
 from actors.ice import restrict_host_addresses
 from actors.ingest import Gateway, build_api
@@ -29,11 +32,8 @@ from actors.memory import MemoryConfig
 from actors.memory_api import MemoryApi
 from actors.memory_persistence import MemoryStore
 from actors.memory_service import MemoryService
-from actors.messages import Decision, MemoryContext, SampleVerdict, TickRequest
-from actors.metrics import VigilMetrics
 from actors.sampler import FrameSampler
 from actors.session_loop import TickServices
-from actors.session_store import SessionStore
 
 log = logging.getLogger("vigil")
 
@@ -226,7 +226,7 @@ def main() -> None:
         sys.exit(f"vigil: {exc}")
     redis = None
     if not config.redis_url:
-        from actors.redis_server import EmbeddedRedis
+        from actors.common.embedded_redis import EmbeddedRedis
 
         redis = EmbeddedRedis(config.redis_dir)
         config = config.model_copy(update={"redis_url": redis.url})

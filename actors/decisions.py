@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from actors.messages import Decision
+from actors.common.messages import Decision
 
 SILENCE = "</silence>"
 RESPONSE = "</response>"

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from actors import decisions, prompt, tiny_vlm, vlm_inputs
+from actors.common.messages import Sample, TickRequest, Turn
 from actors.decisions import RESPONSE, SILENCE
-from actors.messages import Sample, TickRequest, Turn
 from actors.prompt import Prompt, build_prompt, clock
 from actors.tiny_vlm import (
     IM_END,

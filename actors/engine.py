@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from actors.messages import Decision, TickRequest
+from actors.common.messages import Decision, TickRequest
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from actors.channel import model_payload, tick_payload
-from actors.config import VigilConfig
+from actors.common.config import VigilConfig
+from actors.common.messages import SessionRecord, from_dict, to_dict
+from actors.common.session_store import SessionStore, UnknownSession
 from actors.engine import EngineInfo, ReplicaFailed
-from actors.messages import SessionRecord, from_dict, to_dict
 from actors.peer import InvalidOffer, PeerSession
 from actors.session_loop import TickServices
-from actors.session_store import SessionStore, UnknownSession
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, Field
 
+from actors.common.session_store import UnknownSession
 from actors.embedder import Embedder
 from actors.memory_index import MemoryIndex
 from actors.memory_tiers import (
@@ -33,7 +34,6 @@ from actors.memory_tiers import (
     SummaryTiers,
     memory_line,
 )
-from actors.session_store import UnknownSession
 
 log = logging.getLogger(__name__)
 

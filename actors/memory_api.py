@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from actors.common.messages import MemoryContext
 from actors.memory_persistence import MemoryStore
 from actors.memory_service import MemoryService
-from actors.messages import MemoryContext
 
 
 class MemoryApi:

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from actors.messages import MemoryContext
-from actors.metrics import VigilMetrics
+from actors.common.messages import MemoryContext
+from actors.common.metrics import VigilMetrics
 
 log = logging.getLogger(__name__)
 

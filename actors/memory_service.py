@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from actors.common.messages import MemoryContext
+from actors.common.session_store import UnknownSession
 from actors.embedder import Embedder, EmbeddingBatcher
 from actors.memory import (
     POINT_KINDS,
@@ -45,8 +47,6 @@ from actors.memory_tiers import (
     encode_keyframe,
     extract_summary,
 )
-from actors.messages import MemoryContext
-from actors.session_store import UnknownSession
 
 log = logging.getLogger(__name__)
 

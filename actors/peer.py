@@ -19,7 +19,7 @@ from actors.channel import (
     pong_message,
     recall_message,
 )
-from actors.config import VigilConfig
+from actors.common.config import VigilConfig
 from actors.engine import EngineInfo
 from actors.frames import LatestFrameBuffer
 from actors.ice import filter_remote_candidates, rtc_configuration

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from actors.common.messages import Sample, TickRequest
 from actors.decisions import SILENCE
-from actors.messages import Sample, TickRequest
 
 SYSTEM_PROMPT = (
     "You watch a live video stream, one frame per second. Every second, decide on your own whether to speak. "

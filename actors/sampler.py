@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from actors.messages import Sample, SampleVerdict
+from actors.common.messages import Sample, SampleVerdict
 
 SIGNATURE_SIDE = 16
 

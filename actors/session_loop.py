@@ -15,14 +15,14 @@ import numpy as np
 from PIL import Image
 
 from actors.channel import instructions_message, tick_message
-from actors.config import VigilConfig
+from actors.common.config import VigilConfig
+from actors.common.messages import Decision, MemoryContext, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
+from actors.common.metrics import VigilMetrics
+from actors.common.session_store import SessionStore
 from actors.decisions import format_decision
 from actors.engine import ReplicaFailed
 from actors.frames import ArrivedFrame, LatestFrameBuffer
 from actors.memory_link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
-from actors.messages import Decision, MemoryContext, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
-from actors.metrics import VigilMetrics
-from actors.session_store import SessionStore
 
 log = logging.getLogger(__name__)
 

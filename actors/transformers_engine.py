@@ -32,11 +32,11 @@ from transformers import (
     LogitsProcessorList,
 )
 
-from actors.config import VigilConfig
+from actors.common.config import VigilConfig
+from actors.common.messages import Decision, TickRequest
 from actors.decisions import DECISION_PREFIXES, SILENCE, parse_decision
 from actors.demo_model import DEMO_MODEL_NAME, DEMO_NOTE, ensure_demo_model, is_demo_checkpoint
 from actors.engine import Engine, EngineError, EngineInfo
-from actors.messages import Decision, TickRequest
 from actors.prompt import Prompt, build_prompt
 from actors.vlm_inputs import QWEN2_VL_CHAT_TEMPLATE, EncodedBatch, PromptEncoder, sample_image
 

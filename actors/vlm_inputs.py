@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from actors.messages import Sample
+from actors.common.messages import Sample
 from actors.prompt import Prompt
 
 logger = logging.getLogger(__name__)

@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.common.embedded_redis import EmbeddedRedis
 from actors.embedder import CachingEmbedder, Embedder, HashingEmbedder, MiniLMEmbedder, normalize_rows
 from actors.memory import MemoryConfig, SessionMemory
 from actors.memory_persistence import MemoryStore, decode_snapshot, encode_snapshot
 from actors.memory_service import MemoryService, release_free_heap
 from actors.memory_tiers import extract_summary
-from actors.redis_server import EmbeddedRedis
 
 SUBJECTS = (
     "a man",

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import uvicorn
 
+from actors.common.messages import Decision, MemoryContext, TickRequest
 from actors.engine import Engine, EngineError, EngineInfo, ReplicaFailed
-from actors.messages import Decision, MemoryContext, TickRequest
 
 
 class ScriptedEngine(Engine):

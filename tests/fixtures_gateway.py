@@ -8,16 +8,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from actors.config import VigilConfig
+from actors.common.config import VigilConfig
+from actors.common.embedded_redis import EmbeddedRedis
+from actors.common.messages import Decision
+from actors.common.metrics import VigilMetrics
+from actors.common.session_store import SessionStore
 from actors.ice import restrict_host_addresses
 from actors.ingest import Gateway, build_api
 from actors.memory_link import MemoryClient
-from actors.messages import Decision
-from actors.metrics import VigilMetrics
-from actors.redis_server import EmbeddedRedis
 from actors.sampler import FrameSampler
 from actors.session_loop import TickServices
-from actors.session_store import SessionStore
 from tests.fakes import LocalEngineHandle, ScriptedEngine, ServerThread, red_pixels
 
 LOOPBACK = {"ice_host_addresses": ["127.0.0.1"], "ice_allowed_networks": ["127.0.0.0/8"]}

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from actors.redis_server import EmbeddedRedis
-from actors.session_store import SessionStore
+from actors.common.embedded_redis import EmbeddedRedis
+from actors.common.session_store import SessionStore
 
 
 @pytest.fixture(scope="session")

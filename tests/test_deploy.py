@@ -10,7 +10,7 @@ import yaml
 from ray import serve
 
 import serve_app
-from actors.config import VigilConfig
+from actors.common.config import VigilConfig
 
 pytestmark = pytest.mark.unit
 

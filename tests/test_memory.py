@@ -16,6 +16,7 @@ import pytest
 import redis
 from PIL import Image
 
+from actors.common.embedded_redis import EmbeddedRedis
 from actors.embedder import CachingEmbedder, EmbedderBusy, EmbeddingBatcher, HashingEmbedder
 from actors.memory import (
     BadItem,
@@ -32,7 +33,6 @@ from actors.memory_persistence import MemoryStore, MemoryUnavailable, encode_sna
 from actors.memory_service import MemoryService
 from actors.memory_tiers import MemoryItem, Summarizer, extract_summary
 from actors.prompt import clock
-from actors.redis_server import EmbeddedRedis
 from bench.memory_bench import KEYS_CAPTION, KEYS_QUESTION, NEEDLES, Stream, synthetic_stream, workload_texts
 
 pytestmark = pytest.mark.unit

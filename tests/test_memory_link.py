@@ -10,9 +10,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from actors.common.messages import MemoryContext
+from actors.common.metrics import VigilMetrics
 from actors.memory_link import MemoryLinkSettings, MemoryWrite, SessionMemoryLink
-from actors.messages import MemoryContext
-from actors.metrics import VigilMetrics
 from tests.fakes import RecordingMemory
 
 pytestmark = pytest.mark.unit

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.config import VigilConfig
+from actors.common.config import VigilConfig
+from actors.common.messages import Decision, TickRequest
+from actors.common.metrics import VigilMetrics
+from actors.common.session_store import SessionStore
 from actors.engine import ReplicaFailed
 from actors.frames import LatestFrameBuffer
-from actors.messages import Decision, TickRequest
-from actors.metrics import VigilMetrics
 from actors.sampler import FrameSampler
 from actors.session_loop import SessionLoop, TickServices
-from actors.session_store import SessionStore
 from tests.fakes import LocalEngineHandle, RecordingMemory, ScriptedEngine, red_pixels
 
 pytestmark = pytest.mark.unit

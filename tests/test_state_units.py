@@ -5,11 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from actors.common.messages import (
+    MessageTooLarge,
+    Sample,
+    SessionRecord,
+    TickOutcome,
+    TickRequest,
+    Turn,
+    decode,
+    encode,
+)
+from actors.common.session_store import SessionStore, UnknownSession
 from actors.frames import LatestFrameBuffer
-from actors.messages import MessageTooLarge, Sample, SessionRecord, TickOutcome, TickRequest, Turn, decode, encode
 from actors.prompt import build_prompt, clock, time_tag
 from actors.sampler import FrameSampler
-from actors.session_store import SessionStore, UnknownSession
 
 pytestmark = pytest.mark.unit
 

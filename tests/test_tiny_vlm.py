@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from actors.messages import Sample, TickRequest, Turn
+from actors.common.messages import Sample, TickRequest, Turn
 from actors.prompt import build_prompt
 from actors.tiny_vlm import (
     IMAGE_PAD,

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.config import VigilConfig
+from actors.common.config import VigilConfig
+from actors.common.messages import Sample, TickRequest, Turn
 from actors.decisions import RESPONSE, SILENCE
 from actors.demo_model import DEMO_MODEL_NAME, DEMO_NOTE, demo_answer, render_frame
 from actors.engine import EngineError
-from actors.messages import Sample, TickRequest, Turn
 from actors.transformers_engine import DecisionConstraint, TransformersEngine, load_engine, prepare_model
 
 pytestmark = pytest.mark.unit

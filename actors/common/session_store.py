@@ -12,7 +12,7 @@ from typing import Any, cast
 import msgpack
 import redis.asyncio as redis
 
-from actors.messages import SessionRecord, TickOutcome, decode, encode, from_dict, to_dict
+from actors.common.messages import SessionRecord, TickOutcome, decode, encode, from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
