@@ -22,7 +22,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from actors.common.config import VigilConfig
-from actors.common.messages import Decision, MemoryContext, SampleVerdict, TickRequest
+from actors.common.messages import Decision, MemoryContext, TickRequest
 from actors.common.metrics import VigilMetrics
 from actors.common.session_store import SessionStore
 from actors.engine import EngineInfo, ReplicaFailed
@@ -32,24 +32,10 @@ from actors.memory import MemoryConfig
 from actors.memory_api import MemoryApi
 from actors.memory_persistence import MemoryStore
 from actors.memory_service import MemoryService
-from actors.sampler import FrameSampler
+from actors.sampler.deployment import RemoteSampler, Sampler
 from actors.session_loop import TickServices
 
 log = logging.getLogger("vigil")
-
-
-@serve.deployment(max_ongoing_requests=256)
-class Sampler:
-    """Frame sampling off the ingest's event loop; frames arrive as ObjectRefs."""
-
-    def __init__(self, config: VigilConfig) -> None:
-        self.sampler = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
-
-    async def sample(
-        self, frame_refs: list[ray.ObjectRef], stream_time: float, previous: bytes | None, due: bool
-    ) -> SampleVerdict:
-        rgb = await frame_refs[0]
-        return await asyncio.to_thread(self.sampler.sample, rgb, stream_time, previous, due)
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -175,12 +161,8 @@ class Ingest:
         engine = RemoteEngine(interaction)
         store = SessionStore.from_url(config.redis_url or "", config.session_ttl_s, config.event_log_max)
 
-        async def sample(rgb: np.ndarray, stream_time: float, previous: bytes | None, due: bool) -> SampleVerdict:
-            ref = await asyncio.to_thread(ray.put, rgb)
-            return await sampler.sample.remote([ref], stream_time, previous, due)
-
         services = TickServices(
-            sample=sample, decide=engine.decide, store=store, metrics=VigilMetrics(),
+            sample=RemoteSampler(sampler).sample, decide=engine.decide, store=store, metrics=VigilMetrics(),
             memory=RemoteMemory(memory) if memory is not None else None,
         )
         self.gateway = Gateway(config, store, services, engine)

@@ -16,7 +16,7 @@ from actors.common.session_store import SessionStore
 from actors.ice import restrict_host_addresses
 from actors.ingest import Gateway, build_api
 from actors.memory_link import MemoryClient
-from actors.sampler import FrameSampler
+from actors.sampler.frame_sampler import FrameSampler
 from actors.session_loop import TickServices
 from tests.fakes import LocalEngineHandle, ScriptedEngine, ServerThread, red_pixels
 

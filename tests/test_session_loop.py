@@ -17,7 +17,7 @@ from actors.common.metrics import VigilMetrics
 from actors.common.session_store import SessionStore
 from actors.engine import ReplicaFailed
 from actors.frames import LatestFrameBuffer
-from actors.sampler import FrameSampler
+from actors.sampler.frame_sampler import FrameSampler
 from actors.session_loop import SessionLoop, TickServices
 from tests.fakes import LocalEngineHandle, RecordingMemory, ScriptedEngine, red_pixels
 

@@ -18,7 +18,7 @@ from actors.common.messages import (
 from actors.common.session_store import SessionStore, UnknownSession
 from actors.frames import LatestFrameBuffer
 from actors.prompt import build_prompt, clock, time_tag
-from actors.sampler import FrameSampler
+from actors.sampler.frame_sampler import FrameSampler
 
 pytestmark = pytest.mark.unit
 
