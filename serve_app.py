@@ -22,12 +22,13 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from actors.common.config import VigilConfig
-from actors.common.messages import Decision, MemoryContext, TickRequest
+from actors.common.messages import MemoryContext
 from actors.common.metrics import VigilMetrics
+from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore
-from actors.engine import EngineInfo, ReplicaFailed
 from actors.ice import restrict_host_addresses
 from actors.ingest import Gateway, build_api
+from actors.interaction.deployment import Interaction, RemoteEngine
 from actors.memory import MemoryConfig
 from actors.memory_api import MemoryApi
 from actors.memory_persistence import MemoryStore
@@ -36,46 +37,6 @@ from actors.sampler.deployment import RemoteSampler, Sampler
 from actors.session_loop import TickServices
 
 log = logging.getLogger("vigil")
-
-
-@serve.deployment(max_ongoing_requests=64)
-class Interaction:
-    """The decision engine; concurrent ticks of many sessions are decided as one batch."""
-
-    async def __init__(self, config: VigilConfig) -> None:
-        from actors.transformers_engine import load_engine
-
-        self.engine = load_engine(config)
-        await self.engine.start()
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def decide(self, requests: list[TickRequest]) -> list[Decision]:
-        return await self.engine.decide(requests)
-
-    async def info(self) -> EngineInfo:
-        return self.engine.info()
-
-    async def check_health(self) -> None:
-        await self.engine.check_health()
-
-
-class RemoteEngine:
-    """The interaction deployment seen from the ingest: decide, info and health through a handle."""
-
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self.handle = handle
-
-    async def decide(self, request: TickRequest) -> Decision:
-        try:
-            return await self.handle.decide.remote(request)
-        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
-            raise ReplicaFailed(str(exc)) from exc
-
-    async def info(self) -> EngineInfo:
-        return await self.handle.info.remote()
-
-    async def check_health(self) -> None:
-        await self.handle.check_health.remote()
 
 
 # Each session's memory calls land on the replica its id hashes to, which holds (or restores) that memory.
@@ -213,7 +174,7 @@ def main() -> None:
         redis = EmbeddedRedis(config.redis_dir)
         config = config.model_copy(update={"redis_url": redis.url})
         log.info("embedded Redis at %s", redis.url)
-    from actors.transformers_engine import prepare_model
+    from actors.interaction.engines.transformers import prepare_model
 
     config = prepare_model(config)
     ray.init(include_dashboard=False, logging_level=logging.WARNING,

@@ -6,8 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from actors.common.messages import TickOutcome
-from actors.engine import EngineInfo
+from actors.common.messages import EngineInfo, TickOutcome
 
 ClientKind = Literal["instruction", "clear_instructions", "question", "recall", "ping"]
 CLIENT_KINDS: tuple[str, ...] = ("instruction", "clear_instructions", "question", "recall", "ping")

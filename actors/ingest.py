@@ -15,9 +15,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from actors.channel import model_payload, tick_payload
 from actors.common.config import VigilConfig
-from actors.common.messages import SessionRecord, from_dict, to_dict
+from actors.common.messages import EngineInfo, SessionRecord, from_dict, to_dict
+from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore, UnknownSession
-from actors.engine import EngineInfo, ReplicaFailed
 from actors.peer import InvalidOffer, PeerSession
 from actors.session_loop import TickServices
 

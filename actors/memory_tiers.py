@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from actors.prompt import clock
+from actors.common.stream_time import clock
 
 log = logging.getLogger(__name__)
 

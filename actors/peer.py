@@ -20,7 +20,7 @@ from actors.channel import (
     recall_message,
 )
 from actors.common.config import VigilConfig
-from actors.engine import EngineInfo
+from actors.common.messages import EngineInfo
 from actors.frames import LatestFrameBuffer
 from actors.ice import filter_remote_candidates, rtc_configuration
 from actors.session_loop import SessionLoop, TickServices

@@ -16,11 +16,11 @@ from PIL import Image
 
 from actors.channel import instructions_message, tick_message
 from actors.common.config import VigilConfig
+from actors.common.decisions import format_decision
 from actors.common.messages import Decision, MemoryContext, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
 from actors.common.metrics import VigilMetrics
+from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore
-from actors.decisions import format_decision
-from actors.engine import ReplicaFailed
 from actors.frames import ArrivedFrame, LatestFrameBuffer
 from actors.memory_link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
 

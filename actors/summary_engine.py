@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from actors.common.model_source import ModelUnavailable, resolve_model
 from actors.memory_tiers import MemoryItem, Summarizer, memory_line
-from actors.transformers_engine import ModelUnavailable, resolve_model
 
 log = logging.getLogger(__name__)
 

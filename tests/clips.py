@@ -39,7 +39,7 @@ def scene_background(width: int, height: int, seed: int = 0) -> np.ndarray:
     importable, so the clip looks like what that model learned from, else a similar plain scene."""
     rng = np.random.default_rng(seed)
     try:
-        from actors.demo_model import render_frame
+        from actors.interaction.models.demo import render_frame
     except ImportError:
         return _fallback_background(width, height, rng)
     return np.ascontiguousarray(render_frame(width, height, False, rng))

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from actors.common.messages import Decision, MemoryContext, TickRequest
-from actors.engine import Engine, EngineError, EngineInfo, ReplicaFailed
+from actors.common.messages import Decision, EngineInfo, MemoryContext, TickRequest
+from actors.common.replicas import ReplicaFailed
+from actors.interaction.engine import Engine, EngineError
 
 
 class ScriptedEngine(Engine):

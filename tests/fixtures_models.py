@@ -16,7 +16,7 @@ TEST_MODELS = Path(__file__).resolve().parent.parent / ".cache" / "test-models"
 @pytest.fixture(scope="session")
 def tiny_random_model_dir() -> Path:
     """A tiny Qwen2-VL checkpoint with random weights, saved like a real one."""
-    from actors.tiny_vlm import ensure_tiny_random_vlm
+    from actors.interaction.models.tiny_vlm import ensure_tiny_random_vlm
 
     return ensure_tiny_random_vlm(TEST_MODELS / "tiny-random")
 
@@ -24,7 +24,7 @@ def tiny_random_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The demo model checkpoint (trained on first use, then cached; retrained when its recipe changes)."""
-    from actors.demo_model import ensure_demo_model
+    from actors.interaction.models.demo import ensure_demo_model
 
     return ensure_demo_model(TEST_MODELS / "demo")
 

@@ -21,7 +21,8 @@ def red_mask(rgb: np.ndarray) -> np.ndarray:
 def clip(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:
         if request.param == "own-renderer":
-            patch.setitem(sys.modules, "actors.demo_model", None)  # the import fails: clips.py draws its own
+            # The import fails: clips.py draws its own frames.
+            patch.setitem(sys.modules, "actors.interaction.models.demo", None)
         path = tmp_path_factory.mktemp("clips") / "trigger.y4m"
         write_trigger_clip(path, seconds=4, trigger_at_s=2.5)
     header, frames = read_y4m(path)

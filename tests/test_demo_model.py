@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors import demo_model
-from actors.demo_model import MARKER_FILE, DemoRecipe, ensure_demo_model, is_finished, render_frame
-from actors.tiny_vlm import TinyVLM, build_tiny_vlm
+from actors.interaction.models import demo as demo_model
+from actors.interaction.models.demo import MARKER_FILE, DemoRecipe, ensure_demo_model, is_finished, render_frame
+from actors.interaction.models.tiny_vlm import TinyVLM, build_tiny_vlm
 
 pytestmark = pytest.mark.unit
 

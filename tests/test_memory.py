@@ -17,6 +17,7 @@ import redis
 from PIL import Image
 
 from actors.common.embedded_redis import EmbeddedRedis
+from actors.common.stream_time import clock
 from actors.embedder import CachingEmbedder, EmbedderBusy, EmbeddingBatcher, HashingEmbedder
 from actors.memory import (
     BadItem,
@@ -32,7 +33,6 @@ from actors.memory_api import MemoryApi
 from actors.memory_persistence import MemoryStore, MemoryUnavailable, encode_snapshot
 from actors.memory_service import MemoryService
 from actors.memory_tiers import MemoryItem, Summarizer, extract_summary
-from actors.prompt import clock
 from bench.memory_bench import KEYS_CAPTION, KEYS_QUESTION, NEEDLES, Stream, synthetic_stream, workload_texts
 
 pytestmark = pytest.mark.unit

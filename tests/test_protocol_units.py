@@ -7,8 +7,8 @@ import json
 import pytest
 
 from actors.channel import ChannelError, parse_client_message, tick_message
+from actors.common.decisions import format_decision, parse_decision
 from actors.common.messages import Decision, TickOutcome
-from actors.decisions import format_decision, parse_decision
 from actors.ice import filter_remote_candidates
 from actors.peer import InvalidOffer, check_offer
 

@@ -14,8 +14,8 @@ from PIL import Image
 from actors.common.config import VigilConfig
 from actors.common.messages import Decision, TickRequest
 from actors.common.metrics import VigilMetrics
+from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore
-from actors.engine import ReplicaFailed
 from actors.frames import LatestFrameBuffer
 from actors.sampler.frame_sampler import FrameSampler
 from actors.session_loop import SessionLoop, TickServices

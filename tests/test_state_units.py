@@ -16,8 +16,9 @@ from actors.common.messages import (
     encode,
 )
 from actors.common.session_store import SessionStore, UnknownSession
+from actors.common.stream_time import clock
 from actors.frames import LatestFrameBuffer
-from actors.prompt import build_prompt, clock, time_tag
+from actors.interaction.prompt import build_prompt, time_tag
 from actors.sampler.frame_sampler import FrameSampler
 
 pytestmark = pytest.mark.unit

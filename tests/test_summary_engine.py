@@ -14,11 +14,11 @@ import pytest
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from actors.embedder import HashingEmbedder
+from actors.interaction.models.tiny_vlm import build_tokenizer
 from actors.memory import MemoryConfig
 from actors.memory_service import MemoryService
 from actors.memory_tiers import MemoryItem, extract_summary
 from actors.summary_engine import ModelSummarizer, SummaryEngineError
-from actors.tiny_vlm import build_tokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from actors.common.messages import Sample, TickRequest, Turn
-from actors.prompt import build_prompt
-from actors.tiny_vlm import (
+from actors.interaction.engines.qwen_vl_inputs import PromptEncoder
+from actors.interaction.models.tiny_vlm import (
     IMAGE_PAD,
     RANDOM_MARKER_FILE,
     SPECIAL_TOKENS,
@@ -23,7 +23,7 @@ from actors.tiny_vlm import (
     build_tiny_vlm,
     ensure_tiny_random_vlm,
 )
-from actors.vlm_inputs import PromptEncoder
+from actors.interaction.prompt import build_prompt
 
 pytestmark = pytest.mark.unit
 

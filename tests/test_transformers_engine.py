@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from actors.common.config import VigilConfig
+from actors.common.decisions import RESPONSE, SILENCE
 from actors.common.messages import Sample, TickRequest, Turn
-from actors.decisions import RESPONSE, SILENCE
-from actors.demo_model import DEMO_MODEL_NAME, DEMO_NOTE, demo_answer, render_frame
-from actors.engine import EngineError
-from actors.transformers_engine import DecisionConstraint, TransformersEngine, load_engine, prepare_model
+from actors.interaction.engine import EngineError
+from actors.interaction.engines.transformers import DecisionConstraint, TransformersEngine, load_engine, prepare_model
+from actors.interaction.models.demo import DEMO_MODEL_NAME, DEMO_NOTE, demo_answer, render_frame
 
 pytestmark = pytest.mark.unit
 
@@ -163,7 +163,7 @@ def save_tiny_llava(directory: Path) -> Path:
         LlavaProcessor,
     )
 
-    from actors.tiny_vlm import build_tokenizer
+    from actors.interaction.models.tiny_vlm import build_tokenizer
 
     template = (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"

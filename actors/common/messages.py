@@ -91,6 +91,16 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What a user is told about the model that watches their stream."""
+
+    engine: str
+    model: str
+    demo: bool = False
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TickOutcome:
     """The one recorded outcome of one tick: a decision kind or `skipped:<reason>`."""
 

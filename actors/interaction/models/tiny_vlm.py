@@ -29,9 +29,9 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from actors.decisions import DELEGATION, RESPONSE, SILENCE
-from actors.prompt import SYSTEM_PROMPT
-from actors.vlm_inputs import QWEN2_VL_CHAT_TEMPLATE
+from actors.common.decisions import DELEGATION, RESPONSE, SILENCE
+from actors.interaction.engines.qwen_vl_inputs import QWEN2_VL_CHAT_TEMPLATE
+from actors.interaction.prompt import SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors import decisions, prompt, tiny_vlm, vlm_inputs
+from actors.common import decisions
+from actors.common.decisions import RESPONSE, SILENCE
 from actors.common.messages import Sample, TickRequest, Turn
-from actors.decisions import RESPONSE, SILENCE
-from actors.prompt import Prompt, build_prompt, clock
-from actors.tiny_vlm import (
+from actors.common.stream_time import clock
+from actors.interaction import prompt
+from actors.interaction.engines import qwen_vl_inputs
+from actors.interaction.engines.qwen_vl_inputs import PromptEncoder, sample_image
+from actors.interaction.models import tiny_vlm
+from actors.interaction.models.tiny_vlm import (
     IM_END,
     TinyVLM,
     TinyVLMSpec,
@@ -39,7 +43,7 @@ from actors.tiny_vlm import (
     replace_directory,
     save_tiny_vlm,
 )
-from actors.vlm_inputs import PromptEncoder, sample_image
+from actors.interaction.prompt import Prompt, build_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +337,7 @@ class DemoRecipe:
         settings = {**self.spec.as_dict(), **{name: getattr(self, name) for name in self.__slots__}}
         settings.pop("spec")
         hasher = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-        for module in (decisions, prompt, tiny_vlm, vlm_inputs, sys.modules[__name__]):
+        for module in (decisions, prompt, tiny_vlm, qwen_vl_inputs, sys.modules[__name__]):
             hasher.update(inspect.getsource(module).encode())
         return hasher.hexdigest()[:16]
 

@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +32,13 @@ from transformers import (
 )
 
 from actors.common.config import VigilConfig
-from actors.common.messages import Decision, TickRequest
-from actors.decisions import DECISION_PREFIXES, SILENCE, parse_decision
-from actors.demo_model import DEMO_MODEL_NAME, DEMO_NOTE, ensure_demo_model, is_demo_checkpoint
-from actors.engine import Engine, EngineError, EngineInfo
-from actors.prompt import Prompt, build_prompt
-from actors.vlm_inputs import QWEN2_VL_CHAT_TEMPLATE, EncodedBatch, PromptEncoder, sample_image
+from actors.common.decisions import DECISION_PREFIXES, SILENCE, parse_decision
+from actors.common.messages import Decision, EngineInfo, TickRequest
+from actors.common.model_source import ModelUnavailable, resolve_model
+from actors.interaction.engine import Engine, EngineError
+from actors.interaction.engines.qwen_vl_inputs import QWEN2_VL_CHAT_TEMPLATE, EncodedBatch, PromptEncoder, sample_image
+from actors.interaction.models.demo import DEMO_MODEL_NAME, DEMO_NOTE, ensure_demo_model, is_demo_checkpoint
+from actors.interaction.prompt import Prompt, build_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -49,65 +49,10 @@ _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 T = TypeVar("T")
-_HUB_PROBE_TIMEOUT_S = 5.0
 _HOW_TO_FIX = (
     "Download it first, point VIGIL_MODEL at a local checkpoint directory, or set "
     "VIGIL_FALLBACK_TO_DEMO=true to run the built-in demo model."
 )
-
-
-class ModelUnavailable(EngineError):
-    """The model is neither a local checkpoint nor in the Hugging Face cache, and cannot be downloaded now."""
-
-
-def _hub_offline() -> bool:
-    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return constants.HF_HUB_OFFLINE or any(
-        flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags
-    )
-
-
-def resolve_model(model: str) -> tuple[str, bool]:
-    """Where to load `model` from, and whether offline: `(source, local_files_only)`.
-
-    A local directory or a Hub id already in the cache loads offline. A Hub id that is not cached is tried
-    only when the Hub answers within a few seconds, so a missing model fails fast instead of hanging.
-    """
-    from huggingface_hub import model_info, try_to_load_from_cache
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelUnavailable(
-                f"{path} is a directory but holds no config.json, so it is not a checkpoint"
-            )
-        return str(path), True
-    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or path.exists():
-        raise ModelUnavailable(f"there is no model directory at {path}")
-    try:
-        cached = try_to_load_from_cache(model, "config.json")
-    except Exception as exc:  # an id the Hub would refuse, e.g. with spaces
-        raise ModelUnavailable(
-            f"{model!r} is neither a local directory nor a valid Hub model id ({exc})"
-        ) from exc
-    if isinstance(cached, str):
-        return model, True
-    if _hub_offline():
-        raise ModelUnavailable(
-            f"{model!r} is no local directory, not in the local Hugging Face cache, and the Hub is offline "
-            "(HF_HUB_OFFLINE is set)"
-        )
-    try:
-        model_info(model, timeout=_HUB_PROBE_TIMEOUT_S)
-    except Exception as exc:
-        raise ModelUnavailable(
-            f"{model!r} is no local directory, not in the local Hugging Face cache, and the Hub could not be "
-            f"reached ({exc})"
-        ) from exc
-    return model, False
 
 
 @dataclass(slots=True)
@@ -407,9 +352,7 @@ def prepare_model(config: VigilConfig) -> VigilConfig:
 __all__ = [
     "QWEN_VL_TYPES",
     "DecisionConstraint",
-    "ModelUnavailable",
     "TransformersEngine",
     "load_engine",
     "prepare_model",
-    "resolve_model",
 ]

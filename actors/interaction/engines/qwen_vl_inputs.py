@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from actors.common.messages import Sample
-from actors.prompt import Prompt
+from actors.interaction.prompt import Prompt
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from actors.common.decisions import SILENCE
 from actors.common.messages import Sample, TickRequest
-from actors.decisions import SILENCE
+from actors.common.stream_time import clock
 
 SYSTEM_PROMPT = (
     "You watch a live video stream, one frame per second. Every second, decide on your own whether to speak. "
@@ -39,12 +40,6 @@ class Prompt:
 def time_tag(stream_time: float) -> str:
     """The per-frame time tag, e.g. `<12.0 seconds>`."""
     return f"<{stream_time:.1f} seconds>"
-
-
-def clock(stream_time: float) -> str:
-    """Stream time as HH:MM:SS, for memory lines."""
-    seconds = int(stream_time)
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _text(text: str) -> dict[str, str]:

@@ -3,19 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
-from actors.common.messages import Decision, TickRequest
-
-
-@dataclass(frozen=True, slots=True)
-class EngineInfo:
-    """What a user is told about the model that watches their stream."""
-
-    engine: str
-    model: str
-    demo: bool = False
-    note: str = ""
+from actors.common.messages import Decision, EngineInfo, TickRequest
 
 
 class EngineError(RuntimeError):
@@ -40,7 +29,3 @@ class Engine(ABC):
     @abstractmethod
     def info(self) -> EngineInfo:
         """Which model this engine runs."""
-
-
-class ReplicaFailed(RuntimeError):
-    """The replica serving a call died mid-call (the tick is recorded as `skipped:replica_failed`)."""
