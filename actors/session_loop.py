@@ -22,7 +22,7 @@ from actors.common.metrics import VigilMetrics
 from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore
 from actors.frames import ArrivedFrame, LatestFrameBuffer
-from actors.memory_link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
+from actors.memory.link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
 
 log = logging.getLogger(__name__)
 

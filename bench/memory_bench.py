@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.common.embedded_redis import EmbeddedRedis
-from actors.embedder import CachingEmbedder, Embedder, HashingEmbedder, MiniLMEmbedder, normalize_rows
-from actors.memory import MemoryConfig, SessionMemory
-from actors.memory_persistence import MemoryStore, decode_snapshot, encode_snapshot
-from actors.memory_service import MemoryService, release_free_heap
-from actors.memory_tiers import extract_summary
+from actors.memory.embedder import CachingEmbedder, Embedder, HashingEmbedder, MiniLMEmbedder, normalize_rows
+from actors.memory.service import MemoryService, release_free_heap
+from actors.memory.session import MemoryConfig, SessionMemory
+from actors.memory.store import MemoryStore, decode_snapshot, encode_snapshot
+from actors.memory.tiers import extract_summary
 
 SUBJECTS = (
     "a man",

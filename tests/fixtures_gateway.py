@@ -15,7 +15,7 @@ from actors.common.metrics import VigilMetrics
 from actors.common.session_store import SessionStore
 from actors.ice import restrict_host_addresses
 from actors.ingest import Gateway, build_api
-from actors.memory_link import MemoryClient
+from actors.memory.link import MemoryClient
 from actors.sampler.frame_sampler import FrameSampler
 from actors.session_loop import TickServices
 from tests.fakes import LocalEngineHandle, ScriptedEngine, ServerThread, red_pixels
@@ -70,10 +70,10 @@ def local_vigil(redis_server: EmbeddedRedis, request: pytest.FixtureRequest) -> 
 @pytest.fixture
 def local_vigil_with_memory(redis_server: EmbeddedRedis, minilm) -> Iterator[LocalVigil]:  # type: ignore[no-untyped-def]
     """The local Vigil with real session memory: MiniLM embeddings, persisted in the same Redis."""
-    from actors.memory import MemoryConfig
-    from actors.memory_api import MemoryApi
-    from actors.memory_persistence import MemoryStore
-    from actors.memory_service import MemoryService
+    from actors.memory.api import MemoryApi
+    from actors.memory.service import MemoryService
+    from actors.memory.session import MemoryConfig
+    from actors.memory.store import MemoryStore
 
     config = MemoryConfig()
     store = MemoryStore.from_config(redis_server.url, config)

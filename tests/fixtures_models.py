@@ -32,6 +32,6 @@ def demo_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def minilm():  # type: ignore[no-untyped-def]
     """all-MiniLM-L6-v2 from its package (offline), with an embedding cache; loaded once per test run."""
-    from actors.embedder import CachingEmbedder, MiniLMEmbedder
+    from actors.memory.embedder import CachingEmbedder, MiniLMEmbedder
 
     return CachingEmbedder(MiniLMEmbedder())

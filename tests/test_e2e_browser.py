@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.memory import parse_clock
+from actors.memory.session import parse_clock
 from tests.browser import chromium_page
 from tests.clips import write_trigger_clip
 from tests.fixtures_vigil import RunningVigil, launch_vigil

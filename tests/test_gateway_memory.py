@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from actors.memory import parse_clock
+from actors.memory.session import parse_clock
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
 from tests.fixtures_gateway import LocalVigil
 

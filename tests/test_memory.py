@@ -18,8 +18,10 @@ from PIL import Image
 
 from actors.common.embedded_redis import EmbeddedRedis
 from actors.common.stream_time import clock
-from actors.embedder import CachingEmbedder, EmbedderBusy, EmbeddingBatcher, HashingEmbedder
-from actors.memory import (
+from actors.memory.api import MemoryApi
+from actors.memory.embedder import CachingEmbedder, EmbedderBusy, EmbeddingBatcher, HashingEmbedder
+from actors.memory.service import MemoryService
+from actors.memory.session import (
     BadItem,
     BadQuery,
     ItemTooLarge,
@@ -29,10 +31,8 @@ from actors.memory import (
     UnknownSession,
     parse_clock,
 )
-from actors.memory_api import MemoryApi
-from actors.memory_persistence import MemoryStore, MemoryUnavailable, encode_snapshot
-from actors.memory_service import MemoryService
-from actors.memory_tiers import MemoryItem, Summarizer, extract_summary
+from actors.memory.store import MemoryStore, MemoryUnavailable, encode_snapshot
+from actors.memory.tiers import MemoryItem, Summarizer, extract_summary
 from bench.memory_bench import KEYS_CAPTION, KEYS_QUESTION, NEEDLES, Stream, synthetic_stream, workload_texts
 
 pytestmark = pytest.mark.unit

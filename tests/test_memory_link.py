@@ -12,7 +12,7 @@ import pytest
 
 from actors.common.messages import MemoryContext
 from actors.common.metrics import VigilMetrics
-from actors.memory_link import MemoryLinkSettings, MemoryWrite, SessionMemoryLink
+from actors.memory.link import MemoryLinkSettings, MemoryWrite, SessionMemoryLink
 from tests.fakes import RecordingMemory
 
 pytestmark = pytest.mark.unit

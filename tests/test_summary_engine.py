@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from actors.embedder import HashingEmbedder
 from actors.interaction.models.tiny_vlm import build_tokenizer
-from actors.memory import MemoryConfig
-from actors.memory_service import MemoryService
-from actors.memory_tiers import MemoryItem, extract_summary
-from actors.summary_engine import ModelSummarizer, SummaryEngineError
+from actors.memory.embedder import HashingEmbedder
+from actors.memory.service import MemoryService
+from actors.memory.session import MemoryConfig
+from actors.memory.summary_model import ModelSummarizer, SummaryEngineError
+from actors.memory.tiers import MemoryItem, extract_summary
 
 pytestmark = pytest.mark.unit
 

@@ -26,8 +26,8 @@ import numpy as np
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from actors.memory import MemoryConfig
-from actors.memory_tiers import KINDS, MemoryItem
+from actors.memory.session import MemoryConfig
+from actors.memory.tiers import KINDS, MemoryItem
 
 log = logging.getLogger(__name__)
 

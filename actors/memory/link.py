@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class MemoryClient(Protocol):
-    """What the ingest calls on the memory deployment (`serve_app.RemoteMemory`, or a `MemoryService`
+    """What the ingest calls on the memory deployment (`actors.memory.deployment.RemoteMemory`, or a `MemoryService`
     wrapped for tests). Every call opens the session's memory where it lands, restoring it if needed."""
 
     async def add(self, session_id: str, kind: str, text: str, stream_time: float) -> None: ...

@@ -1,7 +1,7 @@
 """The memory deployment's calls, as a plain class: each opens the session's memory on this replica first
 (restoring it from Redis when this replica does not hold it yet), then reads or writes it.
 
-`serve_app.Memory` is this class on Ray Serve, with sessions routed to replicas by id; tests use it in
+`actors.memory.deployment.Memory` is this class on Ray Serve, with sessions routed to replicas by id; tests use it in
 process as the `MemoryClient` of the ingest.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from actors.common.messages import MemoryContext
-from actors.memory_persistence import MemoryStore
-from actors.memory_service import MemoryService
+from actors.memory.service import MemoryService
+from actors.memory.store import MemoryStore
 
 
 class MemoryApi:

@@ -25,8 +25,8 @@ import numpy as np
 
 from actors.common.messages import MemoryContext
 from actors.common.session_store import UnknownSession
-from actors.embedder import Embedder, EmbeddingBatcher
-from actors.memory import (
+from actors.memory.embedder import Embedder, EmbeddingBatcher
+from actors.memory.session import (
     POINT_KINDS,
     BadItem,
     BadQuery,
@@ -36,8 +36,8 @@ from actors.memory import (
     SessionMemory,
     parse_clock,
 )
-from actors.memory_persistence import MemoryStore, MemoryUnavailable, decode_snapshot, encode_snapshot
-from actors.memory_tiers import (
+from actors.memory.store import MemoryStore, MemoryUnavailable, decode_snapshot, encode_snapshot
+from actors.memory.tiers import (
     KINDS,
     ExtractiveSummarizer,
     Hit,

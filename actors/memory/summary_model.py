@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.common.model_source import ModelUnavailable, resolve_model
-from actors.memory_tiers import MemoryItem, Summarizer, memory_line
+from actors.memory.tiers import MemoryItem, Summarizer, memory_line
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Twelve hours of memory for one session: retrieval, the summary tiers, keyframes and prompt lines.
 
 `SessionMemory` is plain and synchronous, safe to call from worker threads. Under it, `MemoryIndex` holds the
-items, their distinct texts and the FAISS index (see `actors.memory_index` for the index choice); beside it,
-`SummaryTiers` and `KeyframeStore` (`actors.memory_tiers`). `MemoryService` (`actors.memory_service`) runs
+items, their distinct texts and the FAISS index (see `actors.memory.index` for the index choice); beside it,
+`SummaryTiers` and `KeyframeStore` (`actors.memory.tiers`). `MemoryService` (`actors.memory.service`) runs
 many sessions with persistence in Redis and summaries in the background.
 """
 
@@ -21,9 +21,9 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from actors.common.session_store import UnknownSession
-from actors.embedder import Embedder
-from actors.memory_index import MemoryIndex
-from actors.memory_tiers import (
+from actors.memory.embedder import Embedder
+from actors.memory.index import MemoryIndex
+from actors.memory.tiers import (
     ADDABLE_KINDS,
     KIND_CODE,
     KINDS,

@@ -24,7 +24,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from actors.memory_tiers import KIND_CODE, KINDS, MemoryItem
+from actors.memory.tiers import KIND_CODE, KINDS, MemoryItem
 
 ITEM_COLUMNS: dict[str, Any] = {
     "ids": np.int64,
