@@ -1,1 +1,2 @@
-"""Vigil: a live video assistant runtime. Each module holds one role; `serve_app.py` wraps them in Ray Serve."""
+"""Vigil: a live video assistant runtime. One package per role of the actor graph (ingest, sampler,
+interaction, memory), each with its plain classes and one `deployment.py`; `common/` is shared by all."""

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 
-from actors.ice import restrict_host_addresses
+from actors.ingest.ice import restrict_host_addresses
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
 
 NOTES = (

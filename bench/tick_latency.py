@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from actors.ice import restrict_host_addresses
+from actors.ingest.ice import restrict_host_addresses
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
 
 STAGES = ("wait", "sample", "decide", "total", "overhead")

@@ -18,7 +18,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import VideoStreamTrack
 
-from actors.ice import rtc_configuration
+from actors.ingest.ice import rtc_configuration
 
 RenderFn = Callable[[float], np.ndarray]
 VIDEO_CLOCK_RATE = 90_000

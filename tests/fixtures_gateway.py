@@ -13,11 +13,11 @@ from actors.common.embedded_redis import EmbeddedRedis
 from actors.common.messages import Decision
 from actors.common.metrics import VigilMetrics
 from actors.common.session_store import SessionStore
-from actors.ice import restrict_host_addresses
-from actors.ingest import Gateway, build_api
+from actors.ingest.gateway import Gateway, build_api
+from actors.ingest.ice import restrict_host_addresses
+from actors.ingest.session_loop import TickServices
 from actors.memory.link import MemoryClient
 from actors.sampler.frame_sampler import FrameSampler
-from actors.session_loop import TickServices
 from tests.fakes import LocalEngineHandle, ScriptedEngine, ServerThread, red_pixels
 
 LOOPBACK = {"ice_host_addresses": ["127.0.0.1"], "ice_allowed_networks": ["127.0.0.0/8"]}

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from actors.channel import ChannelError, parse_client_message, tick_message
 from actors.common.decisions import format_decision, parse_decision
 from actors.common.messages import Decision, TickOutcome
-from actors.ice import filter_remote_candidates
-from actors.peer import InvalidOffer, check_offer
+from actors.ingest.channel import ChannelError, parse_client_message, tick_message
+from actors.ingest.ice import filter_remote_candidates
+from actors.ingest.peer import InvalidOffer, check_offer
 
 pytestmark = pytest.mark.unit
 

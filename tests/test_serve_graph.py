@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from actors.ice import restrict_host_addresses
+from actors.ingest.ice import restrict_host_addresses
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
 from tests.fixtures_vigil import RunningVigil, launch_vigil
 

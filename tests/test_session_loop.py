@@ -16,9 +16,9 @@ from actors.common.messages import Decision, TickRequest
 from actors.common.metrics import VigilMetrics
 from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore
-from actors.frames import LatestFrameBuffer
+from actors.ingest.frames import LatestFrameBuffer
+from actors.ingest.session_loop import SessionLoop, TickServices
 from actors.sampler.frame_sampler import FrameSampler
-from actors.session_loop import SessionLoop, TickServices
 from tests.fakes import LocalEngineHandle, RecordingMemory, ScriptedEngine, red_pixels
 
 pytestmark = pytest.mark.unit

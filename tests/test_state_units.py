@@ -17,7 +17,7 @@ from actors.common.messages import (
 )
 from actors.common.session_store import SessionStore, UnknownSession
 from actors.common.stream_time import clock
-from actors.frames import LatestFrameBuffer
+from actors.ingest.frames import LatestFrameBuffer
 from actors.interaction.prompt import build_prompt, time_tag
 from actors.sampler.frame_sampler import FrameSampler
 

@@ -13,17 +13,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
-from actors.channel import model_payload, tick_payload
 from actors.common.config import VigilConfig
 from actors.common.messages import EngineInfo, SessionRecord, from_dict, to_dict
 from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore, UnknownSession
-from actors.peer import InvalidOffer, PeerSession
-from actors.session_loop import TickServices
+from actors.ingest.channel import model_payload, tick_payload
+from actors.ingest.peer import InvalidOffer, PeerSession
+from actors.ingest.session_loop import TickServices
 
 log = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 WEB_FILES = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
 
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from actors.channel import instructions_message, tick_message
 from actors.common.config import VigilConfig
 from actors.common.decisions import format_decision
 from actors.common.messages import Decision, MemoryContext, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
 from actors.common.metrics import VigilMetrics
 from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore
-from actors.frames import ArrivedFrame, LatestFrameBuffer
+from actors.ingest.channel import instructions_message, tick_message
+from actors.ingest.frames import ArrivedFrame, LatestFrameBuffer
 from actors.memory.link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
 
 log = logging.getLogger(__name__)

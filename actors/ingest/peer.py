@@ -11,7 +11,9 @@ from typing import Any
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from actors.channel import (
+from actors.common.config import VigilConfig
+from actors.common.messages import EngineInfo
+from actors.ingest.channel import (
     ChannelError,
     error_message,
     hello_message,
@@ -19,11 +21,9 @@ from actors.channel import (
     pong_message,
     recall_message,
 )
-from actors.common.config import VigilConfig
-from actors.common.messages import EngineInfo
-from actors.frames import LatestFrameBuffer
-from actors.ice import filter_remote_candidates, rtc_configuration
-from actors.session_loop import SessionLoop, TickServices
+from actors.ingest.frames import LatestFrameBuffer
+from actors.ingest.ice import filter_remote_candidates, rtc_configuration
+from actors.ingest.session_loop import SessionLoop, TickServices
 
 log = logging.getLogger(__name__)
 
