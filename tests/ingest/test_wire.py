@@ -1,4 +1,4 @@
-"""The wire formats: decision parsing, data-channel messages, SDP offer checks and ICE candidate filters."""
+"""The ingest's wire formats: data-channel messages, SDP offer checks and ICE candidate filters."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from actors.common.decisions import format_decision, parse_decision
-from actors.common.messages import Decision, TickOutcome
+from actors.common.messages import TickOutcome
 from actors.ingest.channel import ChannelError, parse_client_message, tick_message
 from actors.ingest.ice import filter_remote_candidates
 from actors.ingest.peer import InvalidOffer, check_offer
@@ -15,36 +14,8 @@ from actors.ingest.peer import InvalidOffer, check_offer
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize(
-    ("raw", "kind", "text", "question"),
-    [
-        ("</silence>", "silent", "", ""),
-        ("  </silence> trailing words", "silent", "", ""),
-        ("</response> A hand is raised.", "respond", "A hand is raised.", ""),
-        ("</response>   spaced\n  out  ", "respond", "spaced out", ""),
-        ("</response> Let me check. </delegation> What model is this car?", "delegate", "Let me check.",
-         "What model is this car?"),
-        ("</response> Done. </delegation>  ", "respond", "Done.", ""),
-        ("</response> first </response> second", "respond", "first", ""),
-        ("</response>", "silent", "", ""),
-        ("I think there is a cat", "silent", "", ""),
-        ("", "silent", "", ""),
-    ],
-)
-def test_parse_decision(raw: str, kind: str, text: str, question: str) -> None:
-    decision = parse_decision(raw)
-    assert (decision.kind, decision.text, decision.question) == (kind, text, question)
-    assert decision.raw == raw
 
 
-@pytest.mark.parametrize(
-    "decision",
-    [Decision(kind="silent"), Decision(kind="respond", text="Hi."),
-     Decision(kind="delegate", text="One moment.", question="Why?")],
-)
-def test_format_round_trips(decision: Decision) -> None:
-    again = parse_decision(format_decision(decision))
-    assert (again.kind, again.text, again.question) == (decision.kind, decision.text, decision.question)
 
 
 def test_client_messages_parse() -> None:
