@@ -3,7 +3,7 @@
 `ModelSummarizer` runs any Hugging Face causal language model with a chat template (Qwen2.5-0.5B-Instruct on a
 CPU, a larger one on a GPU) inside the memory replica, on a worker thread of its own: it never holds up a tick,
 and `MemoryService` asks it for one summary per session at a time, in stream order, so summaries land in order.
-Without a summary model, memory uses the extractive summarizer (`memory_tiers.ExtractiveSummarizer`).
+Without a summary model, memory uses the extractive summarizer (`actors.memory.tiers.ExtractiveSummarizer`).
 """
 
 from __future__ import annotations
