@@ -35,6 +35,7 @@ def build_app(config: VigilConfig) -> serve.Application:
     interaction = Interaction.options(
         num_replicas=config.interaction_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.interaction_max_queued,
         ray_actor_options={"num_cpus": config.interaction_cpus},
     ).bind(config)
     sampler = Sampler.options(ray_actor_options={"num_cpus": config.sampler_cpus}).bind(config)

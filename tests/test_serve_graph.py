@@ -3,7 +3,8 @@
 A Python WebRTC client streams synthetic video; every tick comes back as exactly one outcome on the data channel
 and in the Redis log; the stage histograms, readiness and the model banner reflect the running graph. Then the
 memory replica is killed mid-session: ticks go on, and every note memory had acknowledged is still recalled
-once Serve has replaced the replica (which restores the session from Redis).
+once Serve has replaced the replica (which restores the session from Redis). Last, the only interaction replica
+is killed: no tick hangs while Serve replaces it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -138,5 +141,43 @@ async def test_killing_the_memory_replica_loses_nothing_acknowledged(vigil_tiny:
         print(f"memory replica killed: every note recalled again {back_after:.1f} s later ({max(waits):.1f} s)")
         new_pids = _memory_replica_pids()
         assert new_pids and pids[0] not in new_pids, "Serve replaced the memory replica"
+    finally:
+        await client.close()
+
+
+def _interaction_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "ServeReplica:vigil:Interaction"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+async def test_killing_the_only_interaction_replica_never_hangs_a_tick(vigil_tiny: RunningVigil) -> None:
+    """Until Serve replaces the replica, each tick ends as skipped:replica_failed within about a second (no run
+    of busy ticks behind a hung one); then the session decides again, numbering every tick once."""
+    restrict_host_addresses(["127.0.0.1"])
+    client = VigilClient(vigil_tiny.url)
+    await client.connect(SyntheticVideoTrack(_scene, fps=5), ["describe any change"])
+    try:
+        while (await asyncio.wait_for(client.ticks.get(), 30))["outcome"].startswith("skipped:"):
+            pass
+        pids = _interaction_pids()
+        assert len(pids) == 1, f"expected one interaction replica process, found {pids}"
+        os.kill(pids[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        received: list[tuple[float, dict]] = []
+        while time.monotonic() - killed_at < 90:
+            tick = await asyncio.wait_for(client.ticks.get(), 10)
+            received.append((time.monotonic() - killed_at, tick))
+            if tick["outcome"] in ("silent", "respond", "delegate") and time.monotonic() - killed_at > 2:
+                break
+        else:
+            raise AssertionError("the session never decided again after the replica was replaced")
+        outcomes = Counter(t["outcome"] for _, t in received)
+        back_after = received[-1][0]
+        print(f"interaction replica killed: decided again after {back_after:.1f} s; {dict(outcomes)}")
+        assert outcomes["skipped:busy"] <= 1, outcomes
+        gaps = [later - earlier for (earlier, _), (later, _) in pairwise(received)]
+        assert max(gaps, default=0.0) < 2.5, f"a tick hung: gaps {gaps}"
+        logged = [e["tick"] for e in await client.events(limit=1000)]
+        assert len(logged) == len(set(logged)), "one outcome per tick in the log"
     finally:
         await client.close()

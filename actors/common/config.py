@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
@@ -37,7 +37,7 @@ class VigilConfig(BaseModel):
     model: str = DEFAULT_MODEL
     fallback_to_demo: bool = True
     demo_model_dir: str = ".cache/vigil-demo-model"
-    engine: str = "transformers"
+    engine: Literal["transformers", "openai"] = "transformers"
     device: str = "cpu"
     max_new_tokens: int = 40
     image_size: int = Field(
@@ -52,7 +52,25 @@ class VigilConfig(BaseModel):
     session_ttl_s: int = 13 * 3600
     event_log_max: int = 50_000
     heartbeat_timeout_s: float = 30.0
-    decide_timeout_s: float = 30.0
+    decide_timeout_s: float = Field(
+        default=3.0, gt=0.0,
+        description="a tick's decision is due this long after the tick: later, it is recorded skipped:timeout "
+        "(or skipped:overload when it could not even start); raise it for a model slower than the tick interval",
+    )
+    speak_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="a new session's proactivity: speak when P(respond or delegate) is at least this",
+    )
+
+    # -- the openai engine: any OpenAI-compatible chat-completions server (vllm serve, SGLang, the JoyAI API)
+    openai_base_url: str = Field(default="", description="e.g. http://127.0.0.1:8001/v1")
+    openai_model: str = ""
+    openai_api_key: SecretStr | None = Field(default=None, description="VIGIL_OPENAI_API_KEY; never logged")
+    openai_timeout_s: float = 10.0
+    openai_retries: int = Field(default=1, ge=0, le=5)
+    openai_session_header: str = Field(
+        default="x-streaming-session", description="header that carries the session id (JoyAI's)"
+    )
 
     ice_servers: list[str] = Field(default_factory=list)
     ice_host_addresses: list[str] = Field(default_factory=list)
@@ -74,6 +92,10 @@ class VigilConfig(BaseModel):
 
     interaction_replicas: int = 1
     max_ongoing_requests: int = 64
+    interaction_max_queued: int = Field(
+        default=256, description="ticks queued for the interaction replicas beyond which new ones are refused "
+        "(skipped:overload)",
+    )
     # Ray logical CPUs each replica reserves. The defaults fit the whole graph on a 2-core machine; the model
     # replica takes a whole core, the I/O-bound roles a quarter each.
     ingest_cpus: float = 0.25

@@ -69,6 +69,11 @@ class TickRequest:
     inbox: tuple[str, ...] = ()
     memories: tuple[str, ...] = ()
     lookback: tuple[Sample, ...] = ()
+    # Speak only when the engine gives respond/delegate at least this probability (the session's proactivity).
+    speak_threshold: float = 0.5
+    # Wall-clock time (time.time()) after which the decision is no use; 0: none. An engine that cannot start
+    # before it answers `skipped:overload` instead of deciding.
+    deadline: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,9 @@ class Decision:
     question: str = ""
     raw: str = ""
     model_ms: float = 0.0
+    # The probability the engine gave this decision: P(speak) for respond/delegate, 1 - P(speak) for silence.
+    probability: float = 1.0
+    replica: str = ""  # the interaction replica that decided it
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,8 @@ class TickOutcome:
     wall_time: float = 0.0
     stages_ms: dict[str, float] = field(default_factory=dict)
     model_called: bool = False
+    probability: float = 0.0
+    replica: str = ""
 
     @property
     def skipped(self) -> bool:
@@ -129,6 +139,7 @@ class SessionRecord:
     instructions: tuple[str, ...] = ()
     state: Literal["created", "live", "ended"] = "created"
     owner: str = ""
+    speak_threshold: float = 0.5
 
 
 M = TypeVar("M")

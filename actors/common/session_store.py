@@ -59,7 +59,9 @@ class SessionStore:
     def _key(session_id: str, part: str = "") -> str:
         return KEY_PREFIX + session_id + (":" + part if part else "")
 
-    async def create(self, instructions: tuple[str, ...] = ()) -> tuple[SessionRecord, str]:
+    async def create(
+        self, instructions: tuple[str, ...] = (), speak_threshold: float = 0.5
+    ) -> tuple[SessionRecord, str]:
         """Create a session; returns its record and the bearer token (only its hash is stored)."""
         token = secrets.token_urlsafe(32)
         record = SessionRecord(
@@ -67,6 +69,7 @@ class SessionStore:
             token_hash=hash_token(token),
             created_at=time.time(),
             instructions=instructions,
+            speak_threshold=speak_threshold,
         )
         await self._redis.set(self._key(record.session_id), encode(record), ex=self._ttl_s, nx=True)
         return record, token

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from actors.common.messages import EngineInfo, TickOutcome
 
-ClientKind = Literal["instruction", "clear_instructions", "question", "recall", "ping"]
-CLIENT_KINDS: tuple[str, ...] = ("instruction", "clear_instructions", "question", "recall", "ping")
+ClientKind = Literal["instruction", "clear_instructions", "question", "recall", "ping", "settings"]
+CLIENT_KINDS: tuple[str, ...] = ("instruction", "clear_instructions", "question", "recall", "ping", "settings")
 
 
 class ChannelError(ValueError):
@@ -25,6 +25,7 @@ class ClientMessage:
     kind: ClientKind
     text: str = ""
     ping_id: str | int | float | None = None
+    speak_threshold: float | None = None
 
 
 def parse_client_message(data: str | bytes, max_bytes: int, max_text_chars: int) -> ClientMessage:
@@ -53,7 +54,20 @@ def parse_client_message(data: str | bytes, max_bytes: int, max_text_chars: int)
         if ping_id is not None and not isinstance(ping_id, str | int | float):
             raise ChannelError("bad_field", "ping 'id' must be a number or a string")
         return ClientMessage(kind="ping", ping_id=ping_id)
+    if kind == "settings":
+        return ClientMessage(kind="settings", speak_threshold=parse_speak_threshold(payload.get("speak_threshold")))
     return ClientMessage(kind=kind)
+
+
+def parse_speak_threshold(value: object) -> float:
+    """A session's proactivity threshold: a number from 0 (speak at any hint) to 1 (only when certain)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise ChannelError("bad_field", "'speak_threshold' must be a number from 0 to 1")
+    return float(value)
+
+
+def settings_message(speak_threshold: float) -> str:
+    return _dumps({"type": "settings", "speak_threshold": speak_threshold})
 
 
 def _dumps(payload: dict[str, Any]) -> str:
@@ -64,7 +78,9 @@ def model_payload(info: EngineInfo) -> dict[str, Any]:
     return {"engine": info.engine, "model": info.model, "demo": info.demo, "note": info.note}
 
 
-def hello_message(session_id: str, info: EngineInfo, tick_interval_s: float, instructions: tuple[str, ...]) -> str:
+def hello_message(
+    session_id: str, info: EngineInfo, tick_interval_s: float, instructions: tuple[str, ...], speak_threshold: float
+) -> str:
     return _dumps(
         {
             "type": "hello",
@@ -72,6 +88,7 @@ def hello_message(session_id: str, info: EngineInfo, tick_interval_s: float, ins
             "model": model_payload(info),
             "tick_interval_s": tick_interval_s,
             "instructions": list(instructions),
+            "speak_threshold": speak_threshold,
         }
     )
 
@@ -88,6 +105,7 @@ def tick_payload(outcome: TickOutcome, latency_ms: float) -> dict[str, Any]:
         "outcome": outcome.outcome,
         "text": outcome.text,
         "question": outcome.question,
+        "probability": round(outcome.probability, 4),
         "latency_ms": round(latency_ms, 2),
         "stages_ms": {name: round(ms, 2) for name, ms in outcome.stages_ms.items()},
     }

@@ -39,6 +39,15 @@ class ApiError(Exception):
 
 class CreateSessionBody(BaseModel):
     instructions: list[str] = Field(default_factory=list)
+    speak_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class SessionSettingsBody(BaseModel):
+    """What a client may change in a live session: how sure the model must be before it speaks."""
+
+    model_config = {"extra": "forbid"}
+
+    speak_threshold: float = Field(ge=0.0, le=1.0)
 
 
 class OfferBody(BaseModel):
@@ -94,13 +103,15 @@ class Gateway:
     async def create_session(self, body: CreateSessionBody) -> dict[str, Any]:
         if len(self.peers) >= self.config.limits.max_sessions:
             raise ApiError(503, "too_many_sessions", f"this replica holds {len(self.peers)} sessions, the limit")
-        record, token = await self.store.create(self._check_instructions(body.instructions))
+        threshold = self.config.speak_threshold if body.speak_threshold is None else body.speak_threshold
+        record, token = await self.store.create(self._check_instructions(body.instructions), threshold)
         limits = self.config.limits
         return {
             "session_id": record.session_id,
             "token": token,
             "expires_in": self.config.session_ttl_s,
             "tick_interval_s": self.config.tick_interval_s,
+            "speak_threshold": record.speak_threshold,
             "model": model_payload(self.engine_info),
             "limits": {
                 "max_message_bytes": limits.max_message_bytes,
@@ -130,6 +141,8 @@ class Gateway:
         peer = PeerSession(
             record.session_id, self.config, self.services, self.engine_info, record.instructions,
             on_instructions=lambda items: self._own(self._save_instructions(record.session_id, items)),
+            speak_threshold=record.speak_threshold,
+            on_speak_threshold=lambda value: self._own(self._save_settings(record.session_id, value)),
         )
         self.peers[record.session_id] = peer
         try:
@@ -146,6 +159,16 @@ class Gateway:
         self._own(self._forget_when_closed(peer))
         await self.store.update(from_dict(SessionRecord, to_dict(record) | {"state": "live"}))
         return {"type": "answer", "sdp": answer}
+
+    async def settings(self, record: SessionRecord, body: SessionSettingsBody) -> dict[str, Any]:
+        """Change a session's settings, live from its next tick when its peer is on this replica."""
+        if record.state == "ended":
+            raise ApiError(404, "unknown_session", f"session {record.session_id} has ended")
+        peer = self.peers.get(record.session_id)
+        if peer is not None:
+            peer.loop.set_speak_threshold(body.speak_threshold)
+        await self._save_settings(record.session_id, body.speak_threshold)
+        return {"ok": True, "session_id": record.session_id, "speak_threshold": body.speak_threshold}
 
     async def end(self, record: SessionRecord) -> dict[str, Any]:
         peer = self.peers.pop(record.session_id, None)
@@ -185,7 +208,7 @@ class Gateway:
     async def events(self, record: SessionRecord, after: int, limit: int) -> dict[str, Any]:
         limit = max(1, min(limit, 1000))
         outcomes = await self.store.outcomes(record.session_id, after=after, limit=limit)
-        return {"events": [tick_payload(o, o.stages_ms.get("total", 0.0)) for o in outcomes]}
+        return {"events": [tick_payload(o, o.stages_ms.get("total", 0.0)) | {"replica": o.replica} for o in outcomes]}
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         status: dict[str, Any] = {}
@@ -221,6 +244,10 @@ class Gateway:
             del self.peers[peer.session_id]
             await self._release_memory(peer.session_id)
         self.services.metrics.active_sessions.set(len(self.peers))
+
+    async def _save_settings(self, session_id: str, speak_threshold: float) -> None:
+        record = await self.store.get(session_id)
+        await self.store.update(from_dict(SessionRecord, to_dict(record) | {"speak_threshold": speak_threshold}))
 
     async def _save_instructions(self, session_id: str, instructions: tuple[str, ...]) -> None:
         record = await self.store.get(session_id)
@@ -288,6 +315,12 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def memory(session_id: str, request: Request, q: str = "", k: int = 5) -> dict[str, Any]:
         record = await gateway.authorize(session_id, request)
         return await gateway.recall(record, q, k)
+
+    @app.patch("/v1/sessions/{session_id}")
+    async def settings(session_id: str, request: Request) -> dict[str, Any]:
+        record = await gateway.authorize(session_id, request)
+        body = await read_json(request, SessionSettingsBody, max_body)
+        return await gateway.settings(record, body)
 
     @app.delete("/v1/sessions/{session_id}")
     async def end(session_id: str, request: Request) -> dict[str, Any]:

@@ -74,6 +74,8 @@ class PeerSession:
         engine_info: EngineInfo,
         instructions: tuple[str, ...],
         on_instructions: Callable[[tuple[str, ...]], None] | None = None,
+        speak_threshold: float = 0.5,
+        on_speak_threshold: Callable[[float], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self.config = config
@@ -82,8 +84,9 @@ class PeerSession:
         self.frames = LatestFrameBuffer()
         self.pc = RTCPeerConnection(rtc_configuration(config.ice_servers))
         self.channel: RTCDataChannel | None = None
-        self.loop = SessionLoop(session_id, config, services, self.frames, self._send, instructions)
+        self.loop = SessionLoop(session_id, config, services, self.frames, self._send, instructions, speak_threshold)
         self._on_instructions = on_instructions
+        self._on_speak_threshold = on_speak_threshold
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._recalling = False
@@ -175,7 +178,7 @@ class PeerSession:
 
     def _send_hello(self) -> None:
         self._send(hello_message(self.session_id, self.engine_info, self.config.tick_interval_s,
-                                 self.loop.instructions))
+                                 self.loop.instructions, self.loop.speak_threshold))
 
     def _send(self, text: str) -> None:
         channel = self.channel
@@ -210,6 +213,10 @@ class PeerSession:
             self._set_instructions((*self.loop.instructions, message.text))
         elif message.kind == "clear_instructions":
             self._set_instructions(())
+        elif message.kind == "settings" and message.speak_threshold is not None:
+            self.loop.set_speak_threshold(message.speak_threshold)
+            if self._on_speak_threshold is not None:
+                self._on_speak_threshold(message.speak_threshold)
 
     def _start_recall(self, question: str) -> None:
         if self.loop.memory is None:

@@ -18,9 +18,9 @@ from actors.common.config import VigilConfig
 from actors.common.decisions import format_decision
 from actors.common.messages import Decision, MemoryContext, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
 from actors.common.metrics import VigilMetrics
-from actors.common.replicas import ReplicaFailed
+from actors.common.replicas import Overloaded, ReplicaFailed
 from actors.common.session_store import SessionStore
-from actors.ingest.channel import instructions_message, tick_message
+from actors.ingest.channel import instructions_message, settings_message, tick_message
 from actors.ingest.frames import ArrivedFrame, LatestFrameBuffer
 from actors.memory.link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
 
@@ -79,6 +79,7 @@ class SessionLoop:
         frames: LatestFrameBuffer,
         send: SendFn,
         instructions: tuple[str, ...] = (),
+        speak_threshold: float = 0.5,
     ) -> None:
         self.session_id = session_id
         self.config = config
@@ -86,6 +87,7 @@ class SessionLoop:
         self.frames = frames
         self.send = send
         self.instructions: tuple[str, ...] = instructions
+        self.speak_threshold = speak_threshold
         self.tick = 0
         self.last_activity = time.monotonic()
         self._window: deque[Sample] = deque(maxlen=max(1, config.short_term_frames))
@@ -137,6 +139,11 @@ class SessionLoop:
     def set_instructions(self, instructions: tuple[str, ...]) -> None:
         self.instructions = instructions
         self.send(instructions_message(instructions))
+
+    def set_speak_threshold(self, threshold: float) -> None:
+        """How sure the engine must be before this session hears it speak (0 to 1), from the next tick on."""
+        self.speak_threshold = threshold
+        self.send(settings_message(threshold))
 
     def add_question(self, text: str) -> None:
         now = self.frames.stream_time(time.monotonic())
@@ -198,13 +205,15 @@ class SessionLoop:
 
     async def _run_tick(self, tick: int) -> None:
         arrived = self.frames.take()
+        deadline = time.time() + self.config.decide_timeout_s
         try:
             if arrived is None:
                 outcome = self._skipped(tick, "no_frame")
                 arrival = time.monotonic()
             else:
                 arrival = arrived.arrival
-                outcome = await asyncio.wait_for(self._decide_tick(tick, arrived), self.config.decide_timeout_s)
+                outcome = await asyncio.wait_for(self._decide_tick(tick, arrived, deadline),
+                                                 self.config.decide_timeout_s)
         except asyncio.CancelledError:
             self._record_now(self._skipped(tick, "closed"))
             raise
@@ -212,12 +221,14 @@ class SessionLoop:
             outcome = self._skipped(tick, "timeout")
         except ReplicaFailed:
             outcome = self._skipped(tick, "replica_failed")
+        except Overloaded:
+            outcome = self._skipped(tick, "overload")
         except Exception:
             log.exception("session %s tick %d failed", self.session_id, tick)
             outcome = self._skipped(tick, "engine_error")
         await self._record(outcome, arrival)
 
-    async def _decide_tick(self, tick: int, arrived: ArrivedFrame) -> TickOutcome:
+    async def _decide_tick(self, tick: int, arrived: ArrivedFrame, deadline: float) -> TickOutcome:
         started = time.monotonic()
         stream_time = self.frames.stream_time(arrived.arrival)
         rgb = await asyncio.to_thread(frame_to_rgb, arrived.frame)
@@ -255,7 +266,7 @@ class SessionLoop:
         request = TickRequest(
             session_id=self.session_id, tick=tick, stream_time=stream_time, samples=tuple(self._window),
             instructions=self.instructions, dialog=tuple(self._dialog), inbox=inbox, memories=memories,
-            lookback=lookback,
+            lookback=lookback, speak_threshold=self.speak_threshold, deadline=deadline,
         )
         deciding = time.monotonic()
         decision = await self.services.decide(request)
@@ -271,7 +282,7 @@ class SessionLoop:
         return TickOutcome(
             session_id=self.session_id, tick=tick, stream_time=stream_time, outcome=decision.kind,
             text=decision.text, question=decision.question, wall_time=time.time(), stages_ms=stages,
-            model_called=True,
+            model_called=True, probability=decision.probability, replica=decision.replica,
         )
 
     # -- recording -----------------------------------------------------------------------------------------

@@ -1,29 +1,71 @@
-"""The interaction engine on Ray Serve, and its handle-side client for the ingest."""
+"""The interaction engine on Ray Serve, and its handle-side client for the ingest.
+
+A session's ticks go to the replica its id hashes to (so its prompt prefix stays in that engine's cache), spread
+evenly over replicas. A tick whose replica dies is retried once on the replica that takes the session over, if
+its deadline leaves time; a tick that cannot start before its deadline is refused as `Overloaded`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from typing import cast
+
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from actors.common.config import VigilConfig
 from actors.common.messages import Decision, EngineInfo, TickRequest
-from actors.common.replicas import call_replica
+from actors.common.replicas import Overloaded, ReplicaFailed, call_replica, session_affinity
+
+log = logging.getLogger(__name__)
+
+# A retry is worth starting only with at least this much of the tick's deadline left.
+RETRY_MIN_S = 0.2
+# A tick that no replica takes within this long is refused as Overloaded: every replica's queue is full, or
+# every replica is lost and Serve has not yet started a replacement (calls would queue until then, seconds).
+ASSIGN_WAIT_S = 0.5
 
 
-@serve.deployment(max_ongoing_requests=64)
+def _past_deadline(request: TickRequest, now: float) -> bool:
+    return bool(request.deadline) and now >= request.deadline
+
+
+@serve.deployment(max_ongoing_requests=64, request_router_config=session_affinity())
 class Interaction:
     """The decision engine; concurrent ticks of many sessions are decided as one batch."""
 
     async def __init__(self, config: VigilConfig) -> None:
         # Imported here: torch and transformers load only in the interaction replicas.
-        from actors.interaction.engines.transformers import load_engine
+        from actors.interaction.engines import load_engine
 
         self.engine = load_engine(config)
         await self.engine.start()
+        # Which replica decided a tick, for the event log: its Serve id and process (to find it on its node).
+        self.replica = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"
+
+    async def decide(self, request: TickRequest) -> Decision:
+        """Decide one tick, batched with the ticks of other sessions that arrive in the same moment."""
+        if _past_deadline(request, time.time()):
+            raise Overloaded(f"tick {request.tick} of {request.session_id} reached its deadline while queued")
+        decision = await self._decide_batch(request)
+        if decision is None:
+            raise Overloaded(f"tick {request.tick} of {request.session_id} reached its deadline waiting for a batch")
+        return decision
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def decide(self, requests: list[TickRequest]) -> list[Decision]:
-        return await self.engine.decide(requests)
+    async def _decide_batch(self, requests: list[TickRequest]) -> list[Decision | None]:
+        # Ticks whose deadline passed while the previous batch ran are not decided (None: overload).
+        now = time.time()
+        live = [request for request in requests if not _past_deadline(request, now)]
+        decided = iter(await self.engine.decide(live) if live else [])
+        return [
+            None if _past_deadline(request, now) else dataclasses.replace(next(decided), replica=self.replica)
+            for request in requests
+        ]
 
     async def info(self) -> EngineInfo:
         return self.engine.info()
@@ -33,13 +75,34 @@ class Interaction:
 
 
 class RemoteEngine:
-    """The interaction deployment seen from the ingest: decide, info and health through a handle."""
+    """The interaction deployment seen from the ingest: decide (routed by session, retried once across a lost
+    replica, bounded by the tick's deadline), info and health through a handle."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
     async def decide(self, request: TickRequest) -> Decision:
-        return await call_replica(self.handle.decide.remote(request))
+        try:
+            return await self._decide_once(request)
+        except ReplicaFailed:
+            if request.deadline and request.deadline - time.time() < RETRY_MIN_S:
+                raise
+            log.info("interaction replica lost during tick %d of %s; retrying once", request.tick,
+                     request.session_id)
+            return await self._decide_once(request)
+
+    async def _decide_once(self, request: TickRequest) -> Decision:
+        response = cast(DeploymentResponse, self.handle.options(session_id=request.session_id).decide.remote(request))
+        remaining = max(0.0, request.deadline - time.time()) if request.deadline else None
+        try:
+            # Resolves once a replica has taken the call: the wait for a replica is bounded on its own.
+            ref = await asyncio.wait_for(response._to_object_ref(), min(remaining or ASSIGN_WAIT_S, ASSIGN_WAIT_S))
+        except TimeoutError:
+            response.cancel()
+            raise Overloaded(f"no interaction replica took tick {request.tick} within {ASSIGN_WAIT_S} s") from None
+        remaining = max(0.0, request.deadline - time.time()) if request.deadline else None
+        decision: Decision = await asyncio.wait_for(call_replica(ref), remaining)
+        return decision
 
     async def info(self) -> EngineInfo:
         return await self.handle.info.remote()

@@ -8,27 +8,19 @@ from typing import Any, cast
 
 import numpy as np
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from actors.common.config import VigilConfig
 from actors.common.messages import MemoryContext
-from actors.common.replicas import call_replica
+from actors.common.replicas import call_replica, session_affinity
 from actors.memory.api import MemoryApi
 from actors.memory.service import MemoryService
 from actors.memory.session import MemoryConfig
 from actors.memory.store import MemoryStore
 
+
 # Each session's memory calls land on the replica its id hashes to, which holds (or restores) that memory.
-# One fallback, the next replica on the ring: when the owner dies, its sessions go at once to the replica that
-# owns them once the ring is rebuilt, instead of queueing (and holding up other sessions' calls) until then.
-SESSION_AFFINITY = RequestRouterConfig(
-    request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",  # type: ignore[arg-type]
-    request_router_kwargs={"num_fallback_replicas": 1},
-)
-
-
-@serve.deployment(max_ongoing_requests=512, graceful_shutdown_timeout_s=10, request_router_config=SESSION_AFFINITY)
+@serve.deployment(max_ongoing_requests=512, graceful_shutdown_timeout_s=10, request_router_config=session_affinity())
 class Memory(MemoryApi):
     """Session memories, MiniLM embeddings, persistence in Redis (see `actors.memory.api`)."""
 

@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
+from actors.common.session_store import SessionStore
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
 from tests.fixtures_gateway import LocalVigil
 
@@ -29,6 +30,14 @@ def _render(trigger_at: float | None):
 async def _wait_for(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def _wait_for_async(read, predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate(await read()):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
@@ -160,3 +169,47 @@ async def test_health_and_readiness(local_vigil: LocalVigil) -> None:
         assert ready.status_code == 200 and ready.json()["redis"] is True and ready.json()["engine"] is True
         page = await http.get("/")
         assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+async def test_the_speak_threshold_is_a_session_setting_over_http_and_the_data_channel(
+    local_vigil: LocalVigil,
+) -> None:
+    client = VigilClient(local_vigil.url)
+    await client.connect(SyntheticVideoTrack(_render(None), fps=5), instructions=["say when red"])
+    auth = client.auth()
+    try:
+        await _wait_for(lambda: any(m["type"] == "hello" for m in client.messages))
+        hello = next(m for m in client.messages if m["type"] == "hello")
+        assert hello["speak_threshold"] == local_vigil.config.speak_threshold
+        async with httpx.AsyncClient(base_url=local_vigil.url) as http:
+            path = f"/v1/sessions/{client.session_id}"
+            changed = await http.patch(path, json={"speak_threshold": 0.8}, headers=auth)
+            assert changed.status_code == 200 and changed.json()["speak_threshold"] == 0.8
+            for bad in ({"speak_threshold": 1.5}, {"speak_threshold": "high"}, {"speak_threshold": 0.5, "x": 1}, {}):
+                refused = await http.patch(path, json=bad, headers=auth)
+                assert refused.status_code == 422, bad
+            assert (await http.patch(path, json={"speak_threshold": 0.2})).status_code == 401
+        seen = len(local_vigil.engine.requests)
+        await _wait_for(lambda: len(local_vigil.engine.requests) > seen + 1)
+        assert local_vigil.engine.requests[-1].speak_threshold == 0.8
+        client.send({"type": "settings", "speak_threshold": 0.3})
+        client.send({"type": "settings", "speak_threshold": True})
+        await _wait_for(lambda: any(m["type"] == "settings" and m["speak_threshold"] == 0.3 for m in client.messages))
+        assert [m["code"] for m in client.messages if m["type"] == "error"] == ["bad_field"]
+        seen = len(local_vigil.engine.requests)
+        await _wait_for(lambda: len(local_vigil.engine.requests) > seen + 1)
+        assert local_vigil.engine.requests[-1].speak_threshold == 0.3
+        store = SessionStore.from_url(local_vigil.config.redis_url or "", 60, 10)
+        await _wait_for_async(lambda: store.get(client.session_id), lambda r: r.speak_threshold == 0.3)
+        await store.close()  # kept in Redis: a resumed session keeps it
+    finally:
+        await client.close()
+
+
+async def test_a_new_session_can_ask_for_its_own_threshold(local_vigil: LocalVigil) -> None:
+    async with httpx.AsyncClient(base_url=local_vigil.url) as http:
+        created = await http.post("/v1/sessions", json={"speak_threshold": 0.9})
+        assert created.status_code == 201 and created.json()["speak_threshold"] == 0.9
+        assert (await http.post("/v1/sessions", json={"speak_threshold": -0.1})).status_code == 422
+        default = await http.post("/v1/sessions", json={})
+        assert default.json()["speak_threshold"] == local_vigil.config.speak_threshold

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections import Counter
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from actors.common.config import VigilConfig
 from actors.common.messages import Decision, TickRequest
 from actors.common.metrics import VigilMetrics
-from actors.common.replicas import ReplicaFailed
+from actors.common.replicas import Overloaded, ReplicaFailed
 from actors.common.session_store import SessionStore
 from actors.ingest.frames import LatestFrameBuffer
 from actors.ingest.session_loop import SessionLoop, TickServices
@@ -119,7 +120,8 @@ async def test_slow_engine_gives_busy_ticks_not_a_queue(store: SessionStore) -> 
 
 
 @pytest.mark.parametrize(("error", "reason"), [(RuntimeError("boom"), "engine_error"),
-                                               (ReplicaFailed("gone"), "replica_failed")])
+                                               (ReplicaFailed("gone"), "replica_failed"),
+                                               (Overloaded("queue full"), "overload")])
 async def test_engine_failures_are_recorded(store: SessionStore, error: Exception, reason: str) -> None:
     async def decide(request: TickRequest) -> Decision:
         raise error
@@ -239,3 +241,15 @@ async def test_keyframes_are_rationed_when_every_frame_is_a_new_scene(store: Ses
         await asyncio.sleep(INTERVAL)
     await loop.stop()
     assert len(memory.keyframes) == 1, memory.keyframes
+
+
+async def test_each_tick_asks_for_its_decision_by_a_deadline(store: SessionStore) -> None:
+    engine = ScriptedEngine()
+    loop, _sent = _loop(store, LocalEngineHandle(engine).decide, decide_timeout_s=2.5)
+    loop.start()
+    before = time.time()
+    await _feed(loop, 6)
+    await loop.stop()
+    assert engine.requests
+    for request in engine.requests:
+        assert before + 2.5 <= request.deadline <= time.time() + 2.5

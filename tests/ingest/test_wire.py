@@ -46,10 +46,10 @@ def test_bad_client_messages_are_rejected(data: str | bytes, reason: str) -> Non
 
 def test_tick_message_carries_the_outcome() -> None:
     outcome = TickOutcome(session_id="s", tick=3, stream_time=2.5, outcome="respond", text="Hi",
-                          stages_ms={"decide": 12.3456})
+                          stages_ms={"decide": 12.3456}, probability=0.87654)
     message = json.loads(tick_message(outcome, 40.0))
     assert message == {"type": "tick", "tick": 3, "stream_time": 2.5, "outcome": "respond", "text": "Hi",
-                       "question": "", "latency_ms": 40.0, "stages_ms": {"decide": 12.35}}
+                       "question": "", "probability": 0.8765, "latency_ms": 40.0, "stages_ms": {"decide": 12.35}}
 
 
 OFFER = "\r\n".join([
@@ -88,3 +88,13 @@ def test_candidates_outside_allowed_networks_are_dropped() -> None:
     assert "127.0.0.1 50001" in kept
     assert "192.0.2.7" not in kept and "abc.local" not in kept
     assert filter_remote_candidates(OFFER, []) == OFFER
+
+
+def test_settings_messages_carry_a_threshold_from_zero_to_one() -> None:
+    assert parse_client_message('{"type":"settings","speak_threshold":0.75}', 4096, 100).speak_threshold == 0.75
+    assert parse_client_message('{"type":"settings","speak_threshold":1}', 4096, 100).speak_threshold == 1.0
+    for bad in ('{"type":"settings"}', '{"type":"settings","speak_threshold":true}',
+                '{"type":"settings","speak_threshold":1.01}', '{"type":"settings","speak_threshold":"0.5"}'):
+        with pytest.raises(ChannelError) as refused:
+            parse_client_message(bad, 4096, 100)
+        assert refused.value.reason == "bad_field"

@@ -149,6 +149,53 @@ async def test_a_batch_decides_as_its_requests_one_by_one(demo_engine: Transform
     alone = [(await demo_engine.decide([request]))[0] for request in requests]
     together = await demo_engine.decide(requests)
     assert [d.raw for d in together] == [d.raw for d in alone]
+    assert [d.probability for d in together] == pytest.approx([d.probability for d in alone], abs=1e-4)
+
+
+class GenerateCounter:
+    """Wraps a model's `generate` to count calls and the rows each call was given."""
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self.rows: list[int] = []
+        self._generate = engine._model.generate
+        engine._model.generate = self
+
+    def __call__(self, **kwargs):  # type: ignore[no-untyped-def]
+        self.rows.append(int(kwargs["input_ids"].shape[0]))
+        return self._generate(**kwargs)
+
+
+async def test_silent_ticks_generate_nothing_and_only_speakers_are_worded(
+    demo_engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(11)
+    counter = GenerateCounter(demo_engine)
+    try:
+        silent = [window(rng, [False], HELD_OUT_SIZES[i]) for i in range(4)]
+        decisions = await demo_engine.decide(silent)
+        assert [d.kind for d in decisions] == ["silent"] * 4 and counter.rows == []
+        assert all(d.raw == SILENCE and d.probability > 0.5 for d in decisions)
+        mixed = [window(rng, [i % 2 == 0], HELD_OUT_SIZES[i]) for i in range(5)]
+        decisions = await demo_engine.decide(mixed)
+        assert [d.kind for d in decisions] == ["respond", "silent", "respond", "silent", "respond"]
+        assert counter.rows == [3]  # one generate call, for the three rows that speak
+        assert all(d.probability > 0.5 for d in decisions)
+    finally:
+        demo_engine._model.generate = counter._generate
+
+
+async def test_the_sessions_threshold_decides_how_sure_it_must_be_to_speak(demo_engine: TransformersEngine) -> None:
+    rng = np.random.default_rng(12)
+    disc, none = window(rng, [True], (320, 240)), window(rng, [False], (320, 240))
+    [sure, unsure] = await demo_engine.decide([disc, none])
+    p_disc, p_none = sure.probability, 1.0 - unsure.probability
+    assert p_disc > 0.9 > 0.1 > p_none
+    # A session that wants certainty beyond what the model gives stays silent, even with the disc in view.
+    [cautious] = await demo_engine.decide([dataclasses.replace(disc, speak_threshold=1.0)])
+    assert cautious.kind == "silent" and cautious.probability == pytest.approx(1.0 - p_disc, abs=1e-4)
+    # A session that asks for every remark hears one at a threshold below the model's P(speak).
+    [eager] = await demo_engine.decide([dataclasses.replace(none, speak_threshold=p_none / 2)])
+    assert eager.kind == "respond" and eager.text and eager.probability == pytest.approx(p_none, abs=1e-4)
 
 
 def save_tiny_llava(directory: Path) -> Path:

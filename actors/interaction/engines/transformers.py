@@ -1,16 +1,20 @@
 """The transformers engine: a Hugging Face VLM with a chat template, on CPU or GPU.
 
 Qwen2-VL, Qwen2.5-VL and Qwen3-VL run through `PromptEncoder` (tokenizer + PIL image processor, no
-torchvision); other architectures go through their `AutoProcessor`. Each tick is decided first and worded
-second, in one `generate` call: a logits processor lets the first tokens spell only a decision prefix
-(`</silence>` or `</response>`), ends the turn after silence, and lets the model speak freely after a
-response.
+torchvision); other architectures go through their `AutoProcessor`.
+
+Each batch is decided first and worded second. One forward pass over the batch (the prompts, plus the tokens
+that every decision prefix shares, such as `</` in a Qwen tokenizer) gives, at the token where `</silence>` and
+`</response>` part, the probability that the model speaks. A row speaks when that probability reaches its
+session's threshold; only the rows that speak go on to `generate`, from their prompt plus `</response>`, to
+write their words. A silent tick costs its share of one prefill and nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import inspect
 import logging
 import time
@@ -32,7 +36,7 @@ from transformers import (
 )
 
 from actors.common.config import VigilConfig
-from actors.common.decisions import DECISION_PREFIXES, SILENCE, parse_decision
+from actors.common.decisions import DECISION_PREFIXES, RESPONSE, SILENCE, parse_decision
 from actors.common.messages import Decision, EngineInfo, TickRequest
 from actors.common.model_source import ModelUnavailable, resolve_model
 from actors.interaction.engine import Engine, EngineError
@@ -53,6 +57,50 @@ _HOW_TO_FIX = (
     "Download it first, point VIGIL_MODEL at a local checkpoint directory, or set "
     "VIGIL_FALLBACK_TO_DEMO=true to run the built-in demo model."
 )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionPoint:
+    """Where the decision prefixes part: the tokens they all start with, and the token each continues with.
+
+    In a Qwen tokenizer `</silence>` and `</response>` both start with `</`; the decision is the next token.
+    """
+
+    shared: tuple[int, ...]
+    silence: int
+    response: int
+
+    @classmethod
+    def of(cls, prefixes: Mapping[str, Sequence[int]]) -> DecisionPoint:
+        silence, response = list(prefixes[SILENCE]), list(prefixes[RESPONSE])
+        common = 0
+        while common < min(len(silence), len(response)) and silence[common] == response[common]:
+            common += 1
+        if common == min(len(silence), len(response)):
+            raise EngineError(f"the tokenizer spells {SILENCE} and {RESPONSE} so that one starts the other")
+        return cls(tuple(silence[:common]), silence[common], response[common])
+
+    def speak_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(response) per row, renormalised over the two tokens the decision can take."""
+        pair = logits[:, [self.silence, self.response]].double()
+        return torch.softmax(pair, dim=-1)[:, 1]
+
+
+def with_suffix(tensors: Mapping[str, torch.Tensor], suffix: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Left-padded inputs with the same text tokens appended to every row (nothing to append: unchanged)."""
+    extended = dict(tensors)
+    if not suffix:
+        return extended
+    ids = tensors["input_ids"]
+    rows = ids.shape[0]
+    tail = torch.tensor(list(suffix), dtype=ids.dtype, device=ids.device).expand(rows, -1)
+    extended["input_ids"] = torch.cat([ids, tail], dim=1)
+    mask = tensors["attention_mask"]
+    extended["attention_mask"] = torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], dim=1)
+    if "mm_token_type_ids" in tensors:
+        types = tensors["mm_token_type_ids"]
+        extended["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(tail, dtype=types.dtype)], dim=1)
+    return extended
 
 
 @dataclass(slots=True)
@@ -164,6 +212,8 @@ class TransformersEngine(Engine):
         self._tokenizer: Any = None
         self._encoder: PromptEncoder | _ProcessorEncoder | None = None
         self._prefixes: dict[str, list[int]] = {}
+        self._point: DecisionPoint | None = None
+        self._keep_last_logits = False
         self._stop_ids: list[int] = []
         self._pad_id = 0
 
@@ -232,6 +282,8 @@ class TransformersEngine(Engine):
         self._prefixes = {
             prefix: tokenizer.encode(prefix, add_special_tokens=False) for prefix in DECISION_PREFIXES
         }
+        self._point = DecisionPoint.of(self._prefixes)
+        self._keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._stop_ids = _stop_token_ids(tokenizer, model.generation_config)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stop_ids[0]
         self._tokenizer, self._encoder, self._model = tokenizer, encoder, model
@@ -263,33 +315,61 @@ class TransformersEngine(Engine):
         if self._model is None:
             raise EngineError(f"the transformers engine for {self.model_id} has not been started")
         prompts = [build_prompt(request) for request in requests]
+        thresholds = [request.speak_threshold for request in requests]
         try:
-            return await self._run(lambda: self._decide_batch(prompts))
+            return await self._run(lambda: self._decide_batch(prompts, thresholds))
         except EngineError:
             raise
         except Exception as exc:
             raise EngineError(f"{self.model_id} failed on a batch of {len(prompts)}: {exc}") from exc
 
-    def _decide_batch(self, prompts: list[Prompt]) -> list[Decision]:
-        assert self._encoder is not None
+    def _decide_batch(self, prompts: list[Prompt], thresholds: list[float]) -> list[Decision]:
+        assert self._encoder is not None and self._point is not None
+        started = time.perf_counter()
         batch = self._encoder.encode(prompts).to(self.device, self._model.dtype)
-        constraint = DecisionConstraint(self._prefixes, batch.prompt_length, self._stop_ids)
+        p_speak = self._speak_probabilities(batch)
+        speakers = [row for row, p in enumerate(p_speak) if p >= thresholds[row]]
+        words = self._words([prompts[row] for row in speakers]) if speakers else []
+        model_ms = (time.perf_counter() - started) * 1000.0
+        spoken = dict(zip(speakers, words, strict=True))
+        decisions = []
+        for row, p in enumerate(p_speak):
+            decision = parse_decision(spoken.get(row, SILENCE), model_ms=model_ms)
+            probability = p if decision.kind != "silent" else 1.0 - p
+            decisions.append(dataclasses.replace(decision, probability=probability))
+        return decisions
+
+    def _speak_probabilities(self, batch: EncodedBatch) -> list[float]:
+        """P(the row's decision is a response), from one forward pass at the token where the prefixes part."""
+        assert self._point is not None
+        tensors = with_suffix(batch.tensors, self._point.shared)
+        extra = {"logits_to_keep": 1} if self._keep_last_logits else {}
+        with torch.inference_mode():
+            logits = self._model(**tensors, **extra).logits[:, -1, :].float()
+        return self._point.speak_probability(logits).tolist()
+
+    def _words(self, prompts: list[Prompt]) -> list[str]:
+        """The wire text of rows that speak: `</response>` and what the model writes after it."""
+        assert self._encoder is not None
+        response = self._prefixes[RESPONSE]
+        batch = self._encoder.encode(prompts).to(self.device, self._model.dtype)
+        tensors = with_suffix(batch.tensors, response)
+        # Walking the prefix through the constraint leaves it at the response: the first free token may not end
+        # the turn, so a response always says something.
+        constraint = DecisionConstraint({RESPONSE: response}, batch.prompt_length, self._stop_ids)
         generation = GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             eos_token_id=self._stop_ids,
             pad_token_id=self._pad_id,
         )
-        started = time.perf_counter()
         with torch.inference_mode():
             output = self._model.generate(
-                **batch.tensors,
-                generation_config=generation,
-                logits_processor=LogitsProcessorList([constraint]),
+                **tensors, generation_config=generation, logits_processor=LogitsProcessorList([constraint])
             )
-        model_ms = (time.perf_counter() - started) * 1000.0
-        texts = self._tokenizer.batch_decode(output[:, batch.prompt_length :], skip_special_tokens=True)
-        return [parse_decision(text, model_ms=model_ms) for text in texts]
+        start = batch.prompt_length + len(response)
+        texts = self._tokenizer.batch_decode(output[:, start:], skip_special_tokens=True)
+        return [f"{RESPONSE}{text}" for text in texts]
 
     def close(self) -> None:
         """Stop the worker thread once the batch in progress (if any) is done."""
