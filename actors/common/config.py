@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from typing import Any, Literal
 
@@ -37,7 +38,7 @@ class VigilConfig(BaseModel):
     model: str = DEFAULT_MODEL
     fallback_to_demo: bool = True
     demo_model_dir: str = ".cache/vigil-demo-model"
-    engine: Literal["transformers", "openai"] = "transformers"
+    engine: Literal["transformers", "openai", "vllm"] = "transformers"
     device: str = "cpu"
     max_new_tokens: int = 40
     image_size: int = Field(
@@ -53,7 +54,7 @@ class VigilConfig(BaseModel):
     event_log_max: int = 50_000
     heartbeat_timeout_s: float = 30.0
     decide_timeout_s: float = Field(
-        default=3.0, gt=0.0,
+        default=10.0, gt=0.0,
         description="a tick's decision is due this long after the tick: later, it is recorded skipped:timeout "
         "(or skipped:overload when it could not even start); raise it for a model slower than the tick interval",
     )
@@ -61,6 +62,11 @@ class VigilConfig(BaseModel):
         default=0.5, ge=0.0, le=1.0,
         description="a new session's proactivity: speak when P(respond or delegate) is at least this",
     )
+
+    # -- the vllm engine (GPU; `pip install 'vigil[vllm]'`): arguments for vLLM's engine (max_num_seqs,
+    # max_num_batched_tokens, limit_mm_per_prompt, gpu_memory_utilization, dtype, ...); prefix caching is always on.
+    vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="VIGIL_VLLM_ENGINE_ARGS as JSON")
+    vllm_max_lookback_images: int = 4
 
     # -- the openai engine: any OpenAI-compatible chat-completions server (vllm serve, SGLang, the JoyAI API)
     openai_base_url: str = Field(default="", description="e.g. http://127.0.0.1:8001/v1")
@@ -131,6 +137,11 @@ class VigilConfig(BaseModel):
                 continue
             if field.annotation == list[str]:
                 values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+            elif field.annotation == dict[str, Any]:
+                try:
+                    values[name] = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{ENV_PREFIX}{name.upper()} must be a JSON object: {exc}") from None
             else:
                 values[name] = raw
         if "redis_url" not in values and os.environ.get("REDIS_URL"):

@@ -96,6 +96,9 @@ class Decision:
     # The probability the engine gave this decision: P(speak) for respond/delegate, 1 - P(speak) for silence.
     probability: float = 1.0
     replica: str = ""  # the interaction replica that decided it
+    # The decision's prompt, in tokens, and how many of them the engine's prefix cache served (0: no cache).
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,8 @@ class TickOutcome:
     model_called: bool = False
     probability: float = 0.0
     replica: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
     @property
     def skipped(self) -> bool:

@@ -50,6 +50,23 @@ class VigilMetrics:
             registry=self.registry,
         )
 
+        self.prompt_tokens = Histogram(
+            "vigil_prompt_tokens", "Prompt tokens of each decided tick.",
+            buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=self.registry,
+        )
+        self.prefix_reuse_ratio = Histogram(
+            "vigil_prefix_reuse_ratio",
+            "Share of each decided tick's prompt tokens that the engine's prefix cache served.",
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0), registry=self.registry,
+        )
+
+    def observe_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """One decided tick's prompt size and the share of it its engine's prefix cache served (0 without one)."""
+        if prompt_tokens <= 0:
+            return
+        self.prompt_tokens.observe(prompt_tokens)
+        self.prefix_reuse_ratio.observe(cached_tokens / prompt_tokens)
+
     def observe_stages(self, stages_ms: dict[str, float]) -> None:
         for stage, ms in stages_ms.items():
             self.tick_stage_seconds.labels(stage=stage).observe(ms / 1000.0)

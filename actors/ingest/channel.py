@@ -106,6 +106,8 @@ def tick_payload(outcome: TickOutcome, latency_ms: float) -> dict[str, Any]:
         "text": outcome.text,
         "question": outcome.question,
         "probability": round(outcome.probability, 4),
+        "prompt_tokens": outcome.prompt_tokens,
+        "cached_tokens": outcome.cached_tokens,
         "latency_ms": round(latency_ms, 2),
         "stages_ms": {name: round(ms, 2) for name, ms in outcome.stages_ms.items()},
     }

@@ -283,6 +283,7 @@ class SessionLoop:
             session_id=self.session_id, tick=tick, stream_time=stream_time, outcome=decision.kind,
             text=decision.text, question=decision.question, wall_time=time.time(), stages_ms=stages,
             model_called=True, probability=decision.probability, replica=decision.replica,
+            prompt_tokens=decision.prompt_tokens, cached_tokens=decision.cached_tokens,
         )
 
     # -- recording -----------------------------------------------------------------------------------------
@@ -301,6 +302,7 @@ class SessionLoop:
         self.services.metrics.ticks_total.labels(outcome=final.outcome).inc()
         if not final.skipped:
             self.services.metrics.observe_stages(stages)
+            self.services.metrics.observe_prompt(final.prompt_tokens, final.cached_tokens)
         return final
 
     async def _record(self, outcome: TickOutcome, arrival: float) -> None:

@@ -51,6 +51,9 @@ class Interaction:
         """Decide one tick, batched with the ticks of other sessions that arrive in the same moment."""
         if _past_deadline(request, time.time()):
             raise Overloaded(f"tick {request.tick} of {request.session_id} reached its deadline while queued")
+        if self.engine.batches_itself:
+            [decided] = await self.engine.decide([request])
+            return dataclasses.replace(decided, replica=self.replica)
         decision = await self._decide_batch(request)
         if decision is None:
             raise Overloaded(f"tick {request.tick} of {request.session_id} reached its deadline waiting for a batch")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 from actors.common.messages import Decision, EngineInfo, TickRequest
 
@@ -12,7 +13,13 @@ class EngineError(RuntimeError):
 
 
 class Engine(ABC):
-    """A decision engine. Implementations keep all blocking work off the event loop."""
+    """A decision engine. Implementations keep all blocking work off the event loop.
+
+    `batches_itself`: the engine batches concurrent calls on its own (vLLM's scheduler, a remote server), so the
+    deployment hands it each tick as it comes instead of gathering them into a batch first.
+    """
+
+    batches_itself: ClassVar[bool] = False
 
     @abstractmethod
     async def start(self) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import time
+import uuid
 from collections import Counter
 
 import numpy as np
@@ -43,7 +44,7 @@ def _loop(
     services = TickServices(sample=sample, decide=decide, store=store, metrics=VigilMetrics(), memory=memory)
     loop = SessionLoop("s_test", _config(**config), services, LatestFrameBuffer(),
                        lambda text: sent.append(json.loads(text)), instructions)
-    loop.session_id = "s_" + str(id(loop))
+    loop.session_id = "s_" + uuid.uuid4().hex
     return loop, sent
 
 

@@ -71,6 +71,8 @@ class OpenAIEngine(Engine):
     (doubling). The API key is sent as a bearer token and is never logged or shown.
     """
 
+    batches_itself = True
+
     def __init__(
         self,
         base_url: str,

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from transformers import (
@@ -35,7 +35,6 @@ from transformers import (
     LogitsProcessorList,
 )
 
-from actors.common.config import VigilConfig
 from actors.common.decisions import DECISION_PREFIXES, RESPONSE, SILENCE, parse_decision
 from actors.common.messages import Decision, EngineInfo, TickRequest
 from actors.common.model_source import ModelUnavailable, resolve_model
@@ -43,6 +42,9 @@ from actors.interaction.engine import Engine, EngineError
 from actors.interaction.engines.qwen_vl_inputs import QWEN2_VL_CHAT_TEMPLATE, EncodedBatch, PromptEncoder, sample_image
 from actors.interaction.models.demo import DEMO_MODEL_NAME, DEMO_NOTE, ensure_demo_model, is_demo_checkpoint
 from actors.interaction.prompt import Prompt, build_prompt
+
+if TYPE_CHECKING:  # the engines import without pydantic (the GPU benchmark machine has none)
+    from actors.common.config import VigilConfig
 
 logger = logging.getLogger(__name__)
 
@@ -328,6 +330,7 @@ class TransformersEngine(Engine):
         started = time.perf_counter()
         batch = self._encoder.encode(prompts).to(self.device, self._model.dtype)
         p_speak = self._speak_probabilities(batch)
+        prompt_tokens = batch.tensors["attention_mask"].sum(dim=1).tolist()
         speakers = [row for row, p in enumerate(p_speak) if p >= thresholds[row]]
         words = self._words([prompts[row] for row in speakers]) if speakers else []
         model_ms = (time.perf_counter() - started) * 1000.0
@@ -336,7 +339,8 @@ class TransformersEngine(Engine):
         for row, p in enumerate(p_speak):
             decision = parse_decision(spoken.get(row, SILENCE), model_ms=model_ms)
             probability = p if decision.kind != "silent" else 1.0 - p
-            decisions.append(dataclasses.replace(decision, probability=probability))
+            # No prefix cache here: every tick's prompt is computed in full (cached_tokens stays 0).
+            decisions.append(dataclasses.replace(decision, probability=probability, prompt_tokens=prompt_tokens[row]))
         return decisions
 
     def _speak_probabilities(self, batch: EncodedBatch) -> list[float]:
