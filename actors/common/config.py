@@ -74,6 +74,7 @@ class VigilConfig(BaseModel):
     openai_api_key: SecretStr | None = Field(default=None, description="VIGIL_OPENAI_API_KEY; never logged")
     openai_timeout_s: float = 10.0
     openai_retries: int = Field(default=1, ge=0, le=5)
+    openai_images: bool = Field(default=True, description="false: a text-only model; frames go as their time tags")
     openai_session_header: str = Field(
         default="x-streaming-session", description="header that carries the session id (JoyAI's)"
     )

@@ -187,6 +187,20 @@ async def test_frames_arrive_as_jpeg_data_urls_in_order_after_their_time_tags(
     assert first_user["role"] == "user"
 
 
+async def test_a_text_only_model_gets_the_time_tags_and_no_images(chat: ChatServer) -> None:
+    engine = make_engine(chat, images=False)
+    await engine.start()
+    try:
+        await engine.decide([tick()])
+    finally:
+        await engine.close()
+    [call] = chat.calls
+    assert call.frames == []
+    users = [m for m in call.body["messages"] if m["role"] == "user"]
+    assert [m["content"] for m in users] == [[{"type": "text", "text": f"<{s} seconds>"}] for s in ("10.0", "11.0",
+                                                                                                   "12.0")]
+
+
 async def test_the_session_id_travels_in_the_header_and_as_the_user(chat: ChatServer) -> None:
     engine = make_engine(chat, session_header="x-session-id")
     await engine.start()

@@ -84,6 +84,7 @@ class OpenAIEngine(Engine):
         max_new_tokens: int = 40,
         backoff_s: float = 0.1,
         jpeg_quality: int = 85,
+        images: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -94,6 +95,7 @@ class OpenAIEngine(Engine):
         self.max_new_tokens = max_new_tokens
         self.backoff_s = backoff_s
         self._frames = FrameUrls(quality=jpeg_quality)
+        self.images = images  # False: a text-only model, which gets each frame as its time tag only
         self._client: httpx.AsyncClient | None = None
         # What the server accepts, learned from its 400s and kept for later calls.
         self.decide_mode: DecideMode = "structured"
@@ -110,6 +112,7 @@ class OpenAIEngine(Engine):
             retries=config.openai_retries,
             session_header=config.openai_session_header,
             max_new_tokens=config.max_new_tokens,
+            images=config.openai_images,
         )
 
     def __repr__(self) -> str:
@@ -228,8 +231,10 @@ class OpenAIEngine(Engine):
             raise Overloaded(f"tick {request.tick} of {request.session_id}: its deadline passed before the call")
         try:
             prompt = build_prompt(request)
-            async with asyncio.timeout(self.timeout_s):
-                urls = await asyncio.to_thread(self._frames.urls, prompt.images)
+            urls: list[str] | None = None
+            if self.images:
+                async with asyncio.timeout(self.timeout_s):
+                    urls = await asyncio.to_thread(self._frames.urls, prompt.images)
             messages = openai_messages(prompt.messages, urls)
         except (ValueError, TimeoutError) as exc:
             raise EngineError(f"could not lay out tick {request.tick} of {request.session_id}: {exc}") from exc

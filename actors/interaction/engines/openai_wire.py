@@ -95,11 +95,12 @@ class FrameUrls:
         return url
 
 
-def openai_messages(messages: Sequence[dict[str, Any]], image_urls: Sequence[str]) -> list[dict[str, Any]]:
+def openai_messages(messages: Sequence[dict[str, Any]], image_urls: Sequence[str] | None) -> list[dict[str, Any]]:
     """Hugging Face content-list messages in the OpenAI format: each `{"type": "image"}` placeholder becomes
-    the next `image_url` part; system and assistant turns, which hold only text, become plain strings (which
-    every server accepts)."""
-    urls = iter(image_urls)
+    the next `image_url` part (or, with `image_urls` None, for a text-only model, is left out: the frame's time
+    tag stays); system and assistant turns, which hold only text, become plain strings (which every server
+    accepts)."""
+    urls = iter(image_urls or ())
     converted: list[dict[str, Any]] = []
     used = 0
     for message in messages:
@@ -110,6 +111,8 @@ def openai_messages(messages: Sequence[dict[str, Any]], image_urls: Sequence[str
         parts: list[dict[str, Any]] = []
         for part in content:
             if part.get("type") == "image":
+                if image_urls is None:
+                    continue
                 url = next(urls, None)
                 if url is None:
                     raise ValueError("the prompt has more image placeholders than images")
@@ -123,7 +126,7 @@ def openai_messages(messages: Sequence[dict[str, Any]], image_urls: Sequence[str
             converted.append({"role": message["role"], "content": "".join(part["text"] for part in parts)})
         else:
             converted.append({"role": message["role"], "content": parts})
-    if used != len(image_urls):
+    if image_urls is not None and used != len(image_urls):
         raise ValueError(f"the prompt has {used} image placeholders for {len(image_urls)} images")
     return converted
 
