@@ -47,6 +47,12 @@ class VigilConfig(BaseModel):
 
     tick_interval_s: float = 1.0
     short_term_frames: int = 4
+    prompt_layout: Literal["auto", "window", "append"] = Field(
+        default="auto", description="window: the newest short_term_frames frames; append: the prompt grows by a "
+        "frame a tick and resets every prompt_segment_frames, so a prefix cache serves it; auto: append for the "
+        "engines with a prefix cache (vllm, openai), window for transformers",
+    )
+    prompt_segment_frames: int = Field(default=32, ge=1)
     dialog_turns: int = 6
     silent_without_instruction: bool = True
     change_threshold: float = 0.08
@@ -122,6 +128,12 @@ class VigilConfig(BaseModel):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host == "localhost"
+
+    @property
+    def resolved_prompt_layout(self) -> Literal["window", "append"]:
+        if self.prompt_layout != "auto":
+            return self.prompt_layout
+        return "window" if self.engine == "transformers" else "append"
 
     @property
     def auth_required(self) -> bool:

@@ -7,7 +7,6 @@ import dataclasses
 import io
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from actors.common.replicas import Overloaded, ReplicaFailed
 from actors.common.session_store import SessionStore
 from actors.ingest.channel import instructions_message, settings_message, tick_message
 from actors.ingest.frames import ArrivedFrame, LatestFrameBuffer
+from actors.ingest.prompt_window import PromptWindow
 from actors.memory.link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class SessionLoop:
         self.speak_threshold = speak_threshold
         self.tick = 0
         self.last_activity = time.monotonic()
-        self._window: deque[Sample] = deque(maxlen=max(1, config.short_term_frames))
-        self._dialog: deque[Turn] = deque(maxlen=max(2, config.dialog_turns * 2))
+        self.prompt = PromptWindow(session_id, config.resolved_prompt_layout, config.short_term_frames,
+                                   config.dialog_turns, config.prompt_segment_frames)
         self._signature: bytes | None = None
         self._question_pending = False
         self._delegated: str | None = None
@@ -147,7 +147,7 @@ class SessionLoop:
 
     def add_question(self, text: str) -> None:
         now = self.frames.stream_time(time.monotonic())
-        self._dialog.append(Turn(role="user", text=text, stream_time=now))
+        self.prompt.add_turn(Turn(role="user", text=text, stream_time=now))
         self._question_pending = True
         self._remember("user", text, now)
 
@@ -167,7 +167,7 @@ class SessionLoop:
         newest question when one waits, then a question just delegated (what memory holds on it goes into the
         next prompt), else the standing instructions."""
         if self._question_pending:
-            questions = [turn.text for turn in self._dialog if turn.role == "user"]
+            questions = [turn.text for turn in self.prompt.turns if turn.role == "user"]
             if questions:
                 return questions[-1], True
         if self._delegated is not None:
@@ -235,7 +235,7 @@ class SessionLoop:
         verdict = await self.services.sample(rgb, stream_time, self._signature, True)
         self._signature = verdict.signature
         if verdict.sample is not None:
-            self._window.append(verdict.sample)
+            self.prompt.add_frame(verdict.sample)
             if (verdict.change_score >= self.config.keyframe_change
                     and stream_time - self._keyframe_at >= self.config.keyframe_every_s):
                 # A camera that keeps moving changes every second: keyframes are rationed, not one a tick.
@@ -261,11 +261,11 @@ class SessionLoop:
         if self.memory is not None:
             query, fresh = self._memory_query(asked)
             context = await self.memory.context(query, fresh=fresh)
-            memories, lookback = context.lines, await self._lookback(context)
+            memories, lookback = self.prompt.hold_memories(context.lines), await self._lookback(context)
             stages["memory"] = (time.monotonic() - sampled) * 1000
         request = TickRequest(
-            session_id=self.session_id, tick=tick, stream_time=stream_time, samples=tuple(self._window),
-            instructions=self.instructions, dialog=tuple(self._dialog), inbox=inbox, memories=memories,
+            session_id=self.session_id, tick=tick, stream_time=stream_time, samples=self.prompt.frames,
+            instructions=self.instructions, dialog=self.prompt.turns, inbox=inbox, memories=memories,
             lookback=lookback, speak_threshold=self.speak_threshold, deadline=deadline,
         )
         deciding = time.monotonic()
@@ -273,7 +273,7 @@ class SessionLoop:
         stages["decide"] = (time.monotonic() - deciding) * 1000
         self._question_pending = False
         if decision.kind != "silent":
-            self._dialog.append(Turn(role="assistant", text=format_decision(decision), stream_time=stream_time))
+            self.prompt.add_turn(Turn(role="assistant", text=format_decision(decision), stream_time=stream_time))
             said = decision.text
             if decision.question:
                 said = f"{said} (asked the background assistant: {decision.question})"
