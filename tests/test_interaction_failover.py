@@ -68,8 +68,10 @@ async def test_sessions_stay_on_their_replica_and_survive_losing_one(vigil_two: 
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     for session, events in after.items():
-        numbers = [e["tick"] for e in events]
-        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "one outcome per tick, in order"
+        # One outcome per tick (a busy tick is logged while the slow one before it is still running, so the log
+        # is in the order ticks ended, not always in tick order).
+        numbers = sorted(e["tick"] for e in events)
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "one outcome per tick"
         outcomes = Counter(e["outcome"] for e in events)
         # At most the tick in flight and the next one fail; no tick waits for the replacement (no busy run).
         failed = outcomes["skipped:replica_failed"] + outcomes["skipped:timeout"] + outcomes["skipped:overload"]
