@@ -518,3 +518,13 @@ def test_the_probability_is_read_where_the_choices_part() -> None:
     assert speak_probability([TokenLogprob("Hello", -0.1)]) is None
     assert speak_probability([TokenLogprob("</", -0.1)]) is None
     assert speak_probability([]) is None
+
+
+async def test_the_servers_prompt_and_cache_counters_reach_the_decision(chat: ChatServer, engine: OpenAIEngine) -> None:
+    chat.script.extra = {"usage": {"prompt_tokens": 640, "completion_tokens": 2,
+                                   "prompt_tokens_details": {"cached_tokens": 512}}}
+    [decision] = await engine.decide([tick()])
+    assert (decision.prompt_tokens, decision.cached_tokens) == (640, 512)
+    chat.script.extra = {"usage": {"prompt_tokens": "many"}}
+    [decision] = await engine.decide([tick()])
+    assert (decision.prompt_tokens, decision.cached_tokens) == (0, 0)  # malformed counters are left out

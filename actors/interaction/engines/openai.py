@@ -245,7 +245,8 @@ class OpenAIEngine(Engine):
             # No log-probabilities (or none that reach the decision): the text's decision counts as certain.
             p_speak = 1.0 if lean(first.text) == "speak" else 0.0
         if p_speak < request.speak_threshold:
-            return Decision(kind="silent", raw=first.text, model_ms=first_ms, probability=1.0 - p_speak)
+            return Decision(kind="silent", raw=first.text, model_ms=first_ms, probability=1.0 - p_speak,
+                            prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens)
 
         decision = parse_decision(first.text)
         if decision.kind != "silent" and first.finish_reason == "stop":
@@ -256,7 +257,8 @@ class OpenAIEngine(Engine):
             model_ms = first_ms + words_ms
             decision = parse_decision(raw)
         if decision.kind == "silent":
-            return Decision(kind="silent", raw=raw, model_ms=model_ms, probability=1.0 - p_speak)
+            return Decision(kind="silent", raw=raw, model_ms=model_ms, probability=1.0 - p_speak,
+                            prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens)
         return Decision(
             kind=decision.kind,
             text=decision.text,
@@ -264,6 +266,8 @@ class OpenAIEngine(Engine):
             raw=raw,
             model_ms=model_ms,
             probability=p_speak,
+            prompt_tokens=first.prompt_tokens,
+            cached_tokens=first.cached_tokens,
         )
 
     async def _decide_call(self, request: TickRequest, messages: list[dict[str, Any]]) -> tuple[ChatReply, float]:

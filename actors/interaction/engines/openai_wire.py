@@ -50,6 +50,10 @@ class ChatReply:
     tokens: tuple[TokenLogprob, ...] = ()
     # What the server says its model took, when it says (JoyAI's adapter does); else None.
     server_ms: float | None = None
+    # The prompt's tokens and those its prefix cache served (`usage.prompt_tokens_details.cached_tokens`, which
+    # vLLM and OpenAI report); 0 when the server does not say.
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 def sample_jpeg(sample: Sample, quality: int = 85) -> bytes:
@@ -156,7 +160,19 @@ def parse_reply(body: bytes) -> ChatReply:
         finish_reason=str(choice.get("finish_reason") or ""),
         tokens=_token_logprobs(choice.get("logprobs")),
         server_ms=_server_ms(data),
+        **_prompt_usage(data.get("usage")),
     )
+
+
+def _prompt_usage(usage: Any) -> dict[str, int]:
+    # Counters only inform metrics: a server that sends them malformed is treated as sending none.
+    if not isinstance(usage, dict):
+        return {}
+    details = usage.get("prompt_tokens_details")
+    prompt, cached = usage.get("prompt_tokens"), details.get("cached_tokens") if isinstance(details, dict) else 0
+    if not isinstance(prompt, int) or isinstance(prompt, bool) or not isinstance(cached, int | None):
+        return {}
+    return {"prompt_tokens": max(0, prompt), "cached_tokens": max(0, min(cached or 0, prompt))}
 
 
 def _token_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
