@@ -57,7 +57,9 @@ def launch_vigil(workdir: Path, model_dir: Path, **env: str) -> Iterator[Running
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Vigil not ready in {START_TIMEOUT_S:.0f} s:\n{vigil.log()[-4000:]}")
             try:
-                if httpx.get(vigil.url + "/readyz", timeout=2).status_code == 200:
+                # Ready, and `serve.run` has returned: every replica of every deployment is up (not only the
+                # one interaction replica that readiness reaches).
+                if httpx.get(vigil.url + "/readyz", timeout=2).status_code == 200 and "Vigil is running" in vigil.log():
                     break
             except httpx.HTTPError:
                 pass
