@@ -10,7 +10,7 @@ due one as busy. After `--warmup-s` (not measured), the ticks due in the next `-
 - `transformers-batched`: `TransformersEngine` behind a batcher like `@serve.batch`, at the interaction
   deployment's max batch of 8 and wait of 5 ms; `transformers-unbatched` the same with a max batch of 1. Both
   run the trained demo model (`--model` names another checkpoint).
-- `vllm`: `VLLMEngine` on the tiny random Qwen2 text model, one `decide_one` per tick as soon as it is due,
+- `vllm`: `VLLMEngine` on the tiny random Qwen2 text model, one call per tick as soon as it is due,
   as the deployment calls an engine that batches itself; vLLM batches the concurrent ticks. Skipped, saying
   why, where vLLM does not import.
 
@@ -31,18 +31,16 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
 import transformers
 
 from actors.common.messages import Decision, TickRequest
-from bench import stream_load
-from bench.stream_load import BatchStat, LoadSettings, PointResult, frame_pool, run_point
+from bench.stream_load import LoadSettings, PointResult, frame_pool, run_point
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_MODELS = ROOT / ".cache" / "test-models"
@@ -76,6 +74,7 @@ class DecisionLog:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.device = getattr(engine, "device", "cpu")  # `run_point` reads it (for CUDA memory)
+        self.batches_itself = getattr(engine, "batches_itself", False)  # and this, to batch or not
         self.entries: list[tuple[float, Decision]] = []
 
     async def decide(self, requests: list[TickRequest]) -> list[Decision]:
@@ -84,38 +83,8 @@ class DecisionLog:
         self.entries.extend((started, decision) for decision in decisions)
         return decisions
 
-    async def decide_one(self, request: TickRequest) -> Decision:
-        started = asyncio.get_running_loop().time()
-        decision: Decision = await self.engine.decide_one(request)
-        self.entries.append((started, decision))
-        return decision
-
     def since(self, started: float) -> list[Decision]:
         return [decision for at, decision in self.entries if at >= started]
-
-
-@dataclass(slots=True)
-class ConcurrentTicks:
-    """What `run_point` uses instead of its `TickBatcher` for an engine that batches itself: every tick is its
-    own `decide_one` call, made at once, as the interaction deployment calls such an engine."""
-
-    engine: Any
-    max_batch: int
-    wait_s: float
-    batches: list[BatchStat] = field(default_factory=list)
-
-    def start(self) -> None:
-        pass
-
-    async def decide(self, request: TickRequest) -> Decision:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        decision: Decision = await self.engine.decide_one(request)
-        self.batches.append(BatchStat(started, 1, (loop.time() - started) * 1000, decision.model_ms))
-        return decision
-
-    async def close(self) -> None:
-        pass  # `run_point` cancels the ticks still running, and with them their vLLM requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +117,7 @@ async def measure(name: str, log: DecisionLog, settings: LoadSettings, sessions:
     """`sessions` sessions on the engine behind `log`; batched unless the engine batches itself."""
     batching = name in MAX_BATCH
     log.entries.clear()
-    if batching:
-        result = await run_point(log, settings, FRAME_SIZE, sessions)
-    else:
-        # `run_point` builds its own batcher; this engine is called per tick instead.
-        with mock.patch.object(stream_load, "TickBatcher", ConcurrentTicks):
-            result = await run_point(log, settings, FRAME_SIZE, sessions)
+    result = await run_point(log, settings, FRAME_SIZE, sessions)  # it calls a self-batching engine per tick
     # Its batches are those begun in the measured window; their decisions are the window's.
     measure_from = min((batch.started for batch in result.batches), default=float("inf"))
     return Measured(name, result, log.since(measure_from), batching)
@@ -170,7 +134,7 @@ async def warm_up(name: str, log: DecisionLog, settings: LoadSettings) -> None:
             for first in range(0, len(requests), size):
                 await log.decide(requests[first : first + size])
         else:
-            await asyncio.gather(*(log.decide_one(request) for request in requests))
+            await log.decide(requests)  # the engine runs them concurrently
         progress(f"{name}: 8 ticks decided {attempt} in {(time.perf_counter() - started) * 1000:.0f} ms")
     log.entries.clear()
 
@@ -198,7 +162,7 @@ async def start_engine(name: str, args: argparse.Namespace) -> tuple[Any, str]:
 
         model = ensure_tiny_random_lm(TEST_MODELS / "tiny-random-lm")
         engine = VLLMEngine(str(model), max_new_tokens=args.max_new_tokens, engine_args=VLLM_ENGINE_ARGS)
-        detail = "one decide_one per tick, batched by vLLM; " + ", ".join(
+        detail = "one call per tick, batched by vLLM; " + ", ".join(
             f"{key}={value}" for key, value in VLLM_ENGINE_ARGS.items()
         )
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""How many 1-decision-per-second streams one GPU holds with the transformers engine and a 7-8B VLM.
+"""How many 1-decision-per-second streams one GPU holds with a 7-8B VLM, on the transformers or vLLM engine.
 
 On the GPU machine (it needs torch, transformers, numpy, pillow and msgpack, and no download):
 
@@ -12,8 +12,14 @@ A Qwen2.5-VL-7B-Instruct of random weights is built from its config (bfloat16, o
 safetensors and loaded by `TransformersEngine` (`--weights memory` hands the built model to the engine's
 loader instead). Then, per frame size, N synthetic sessions tick once a second each (`bench.stream_load`),
 batched as `@serve.batch` does, for a warm-up and a measured window, N rising until p99 is far beyond 500 ms.
-Latency is from a tick's due time to its decision. Results go to stdout (a table, then the streams held at
-p99 < 500 ms per frame size); progress goes to stderr.
+Latency is from a tick's due time to its decision.
+
+`--engine vllm` (where vLLM is installed on a GPU) runs the same sessions through `VLLMEngine`: each tick is
+handed to it as it comes, as the interaction deployment does, and vLLM's scheduler batches them (the batch
+columns then read "-"); `--vllm-args` adds engine arguments as JSON. vLLM's memory is its engine core's, so
+"peak GiB" reads "-" too; `gpu_memory_utilization` (0.85 by default) is its share.
+
+Results go to stdout (a table, then the streams held at p99 < 500 ms per frame size); progress goes to stderr.
 
 A model of random weights decides at random, and what it decides sets how much each batch decodes: a silent
 tick costs its share of the prefill, a response also writes up to `--max-new-tokens` tokens. So by default
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
+import json
 import platform
 import shutil
 import sys
@@ -45,7 +53,7 @@ from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 from actors.interaction.engines.qwen_vl_inputs import PromptEncoder
 from actors.interaction.models.tiny_vlm import IMAGE_PAD, token_id
 from actors.interaction.prompt import build_prompt
-from bench.random_vlm import QWEN25_VL_7B, SMOKE_SIZES, start_engine
+from bench.random_vlm import QWEN25_VL_7B, SMOKE_SIZES, start_engine, start_vllm_engine
 from bench.stream_load import TARGET_P99_MS, LoadSettings, PointResult, frame_pool, run_point
 
 COLUMNS = ("frames", "N", "decided/s", "busy skips", "p50 ms", "p95 ms", "p99 ms", "silent", "mean batch",
@@ -78,9 +86,9 @@ def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def row(result: PointResult) -> str:
+def row(result: PointResult, batching: bool = True) -> str:
     mark = ">" if result.unfinished else ""  # undecided ticks make the tail a lower bound
-    batches = result.batches
+    batches = result.batches if batching else []  # an engine that batches itself: its batches are unseen
     cells = [
         result.frames, str(result.sessions), f"{result.decided / result.seconds:.1f}", str(result.busy),
         f"{result.p(50):.0f}", f"{mark}{result.p(95):.0f}", f"{mark}{result.p(99):.0f}",
@@ -160,7 +168,7 @@ async def sweep(
             progress(f"{name}: {sessions} sessions, {settings.warmup_s:g} s warm-up + {settings.seconds:g} s")
             result = await run_point(engine, settings, size, sessions)
             results.append(result)
-            say(row(result))
+            say(row(result, not getattr(engine, "batches_itself", False)))
             # Past this, a larger N only takes longer to say the same; a quarter of ticks skipped is as far.
             overloaded = result.p(99) > args.stop_p99_ms or result.busy > 0.25 * sessions * settings.seconds
             if overloaded and not args.sweep_all:
@@ -202,6 +210,9 @@ def parse_share(text: str) -> float | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny model of the same architecture, on the CPU")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                        help="vllm: where it is installed, on a GPU")
+    parser.add_argument("--vllm-args", type=json.loads, default={}, help="vLLM engine arguments as a JSON object")
     parser.add_argument("--device", default=None, help="cuda (default), or cpu (--smoke)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--frames", type=parse_sizes, default=parse_sizes("256x192,448x448"), help="WxH,WxH")
@@ -225,6 +236,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in (SMOKE_DEFAULTS if args.smoke else GPU_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.engine == "vllm":
+        if args.smoke or not args.device.startswith("cuda"):
+            parser.error("--engine vllm runs on a GPU only: vLLM has no vision-language models on this CPU build")
+        if importlib.util.find_spec("vllm") is None:
+            parser.error("--engine vllm needs vLLM installed (pip install 'vigil[vllm]')")
+        if not isinstance(args.vllm_args, dict):
+            parser.error("--vllm-args is a JSON object")
     if args.max_batch < 1 or args.window < 1 or args.seconds <= 0 or not args.sessions or min(args.sessions) < 1:
         parser.error("--max-batch, --window, --seconds and every N of --sessions must be positive")
     return args
@@ -236,14 +254,23 @@ async def main_async(args: argparse.Namespace, budget: Budget) -> None:
                             batch_wait_s=args.batch_wait_ms / 1000, window=args.window,
                             speak_share=args.speak_share)
     say(hardware(args.device))
-    say(f"model: {sizes.name} architecture, random weights, {args.dtype} on {args.device}; max batch "
+    say(f"model: {sizes.name} architecture, random weights, {args.dtype} on {args.device}, {args.engine} "
+        f"engine; max batch "
         f"{args.max_batch}, batch wait {args.batch_wait_ms:g} ms, {args.window} frames a tick, speaking: "
         f"{'as the model decides' if args.speak_share is None else f'{args.speak_share:g} of ticks'}, at most "
         f"{args.max_new_tokens} new tokens; budget {args.budget_s:g} s")
     directory = Path(tempfile.mkdtemp(prefix="vigil-gpu-streams-", dir=args.workdir))
     engine = None
     try:
-        engine = await start_engine(sizes, directory, args.device, args.dtype, args.max_new_tokens, args.weights, say)
+        if args.engine == "vllm":
+            engine_args = {"gpu_memory_utilization": 0.85, "max_num_seqs": min(512, max(args.sessions)),
+                           "max_model_len": 8192, **args.vllm_args}
+            say(f"vLLM engine arguments: {json.dumps(engine_args, sort_keys=True)}")
+            engine = await start_vllm_engine(sizes, directory, args.dtype, args.max_new_tokens, engine_args,
+                                             args.window, say)
+        else:
+            engine = await start_engine(sizes, directory, args.device, args.dtype, args.max_new_tokens,
+                                        args.weights, say)
         held = await sweep(engine, directory, args, settings, budget)
     finally:
         if engine is not None:

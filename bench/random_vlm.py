@@ -231,3 +231,29 @@ async def start_engine(
             await engine.start()
     report(f"engine started from {weights} in {time.perf_counter() - started:.1f} s")
     return engine
+
+
+async def start_vllm_engine(
+    sizes: VLMSizes,
+    directory: Path,
+    dtype: str,
+    max_new_tokens: int,
+    engine_args: dict[str, Any],
+    max_images: int,
+    report: Report = print,
+) -> Any:
+    """A started VLLMEngine on a random `sizes` checkpoint written to `directory` (vLLM loads from disk only)."""
+    from actors.interaction.engines.vllm import VLLMEngine  # only where vLLM is installed
+
+    model = build_checkpoint(sizes, directory, "cuda", getattr(torch, dtype), report)
+    if not save_weights(model, directory, report):
+        raise RuntimeError(f"the vllm engine loads weights from disk, and {directory} has no room for them")
+    del model  # vLLM loads its own copy in its engine core
+    gc.collect()
+    torch.cuda.empty_cache()
+    engine = VLLMEngine(str(directory), max_new_tokens=max_new_tokens, engine_args={"dtype": dtype, **engine_args},
+                        max_images=max_images)
+    started = time.perf_counter()
+    await engine.start()
+    report(f"vLLM engine started in {time.perf_counter() - started:.1f} s")
+    return engine

@@ -127,6 +127,28 @@ class TickBatcher:
             await self._task
 
 
+@dataclass(slots=True)
+class ConcurrentTicks:
+    """What `run_point` uses for an engine that batches concurrent calls itself (vLLM): every tick is its own
+    call, made as soon as it is due, as the interaction deployment calls such an engine; each is a "batch" of 1."""
+
+    engine: Any
+    batches: list[BatchStat] = field(default_factory=list)
+
+    def start(self) -> None:
+        pass
+
+    async def decide(self, request: TickRequest) -> Decision:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        (decision,) = await self.engine.decide([request])
+        self.batches.append(BatchStat(started, 1, (loop.time() - started) * 1000, decision.model_ms))
+        return decision
+
+    async def close(self) -> None:
+        pass  # `run_point` cancels the ticks still running, and with them their requests
+
+
 @dataclass(frozen=True, slots=True)
 class PointResult:
     """One steady-state measurement of `sessions` streams of `frames`-sized frames for `seconds`."""
@@ -186,7 +208,11 @@ async def run_point(engine: Any, settings: LoadSettings, size: tuple[int, int], 
     width, height = size
     frames = frame_pool(width, height)
     loop = asyncio.get_running_loop()
-    batcher = TickBatcher(engine, settings.max_batch, settings.batch_wait_s)
+    batcher: TickBatcher | ConcurrentTicks
+    if getattr(engine, "batches_itself", False):
+        batcher = ConcurrentTicks(engine)
+    else:
+        batcher = TickBatcher(engine, settings.max_batch, settings.batch_wait_s)
     batcher.start()
     t0 = loop.time() + 0.05
     measure_from, measure_to = t0 + settings.warmup_s, t0 + settings.warmup_s + settings.seconds
@@ -217,7 +243,9 @@ async def run_point(engine: Any, settings: LoadSettings, size: tuple[int, int], 
             inflight = asyncio.create_task(tick(index, number, due))
             due_of[inflight] = due
 
-    cuda = isinstance(engine.device, str) and engine.device.startswith("cuda")
+    # vLLM's memory is its engine core's, in another process: torch here cannot see it.
+    device = getattr(engine, "device", None)
+    cuda = isinstance(device, str) and device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     await asyncio.gather(*(session(index) for index in range(sessions)))

@@ -4,12 +4,16 @@ both frame sizes, and prints a row of plausible numbers per frame size and N, th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from actors.common.messages import Decision, TickRequest
+from bench.stream_load import LoadSettings, run_point
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +77,36 @@ def test_says_how_many_streams_each_frame_size_held(smoke_output: str) -> None:
     summary = smoke_output.split("streams held at p99 < 500 ms", 1)[1]
     for frames in FRAMES:
         assert f"  {frames}: " in summary
+
+
+class SelfBatchingEngine:
+    """An engine that batches concurrent calls itself, as vLLM does: each call takes 0.3 s, however many overlap."""
+
+    batches_itself = True
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.running = 0
+        self.most_at_once = 0
+
+    async def decide(self, requests: list[TickRequest]) -> list[Decision]:
+        self.calls.append(len(requests))
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            self.running -= 1
+        return [Decision(kind="silent", model_ms=300.0) for _ in requests]
+
+
+def test_an_engine_that_batches_itself_gets_every_tick_as_it_comes() -> None:
+    engine = SelfBatchingEngine()
+    settings = LoadSettings(warmup_s=0.2, seconds=1.5, max_batch=8, window=1, speak_share=None)
+    result = asyncio.run(run_point(engine, settings, (32, 24), 8))
+    assert set(engine.calls) == {1}  # never gathered into a batch first
+    assert engine.most_at_once >= 2  # 8 staggered sessions, 0.3 s each: calls overlap
+    assert result.busy == 0 and result.unfinished == 0
+    assert 8 <= result.decided <= 8 * 2, result
+    assert all(300 <= latency < 1000 for latency in result.latencies_ms), result.latencies_ms
+    assert {batch.size for batch in result.batches} == {1}
