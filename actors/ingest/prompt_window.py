@@ -65,6 +65,14 @@ class PromptWindow:
         elif len(self._turns) > self._segment_turns:
             self._new_segment()
 
+    def drop_turn(self, turn: Turn) -> bool:
+        """Take a turn back out of the prompt (one the engine cannot take); False when it has already left."""
+        try:
+            self._turns.remove(turn)
+        except ValueError:
+            return False
+        return True
+
     def hold_memories(self, lines: tuple[str, ...]) -> tuple[str, ...]:
         """The memory lines for this tick's prompt; in the append layout, new lines start a new segment."""
         if self.layout == "append" and self._memories is not None and lines != self._memories:

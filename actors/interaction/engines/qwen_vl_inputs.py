@@ -3,7 +3,7 @@
 What `Qwen2VLProcessor` does, done with only a tokenizer and the PIL image processor: render the chat
 template, run the image processor on the frames, and expand each `<|image_pad|>` to
 `grid_thw.prod() // merge_size**2` tokens. User text is tokenized with control tokens sanitized, so a
-typed `<|im_end|>` stays text.
+typed `<|im_end|>` stays text, and so do two texts that spell one only where the template joins them.
 """
 
 from __future__ import annotations
@@ -54,6 +54,28 @@ def sample_image(sample: Sample) -> Image.Image:
     return Image.frombytes("RGB", (sample.width, sample.height), sample.rgb)
 
 
+def join_adjacent_texts(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with each run of adjacent text parts joined into one part: the chat renders the same.
+
+    The tokenizer sanitizes the control tokens inside each string; two texts that the template writes side by
+    side (two questions of one second: `<|image_` then `pad|>`) would spell a real one between them.
+    """
+    joined: list[dict[str, Any]] = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            joined.append(message)
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            if part.get("type") == "text" and parts and parts[-1].get("type") == "text":
+                parts[-1] = {"type": "text", "text": parts[-1]["text"] + part["text"]}
+            else:
+                parts.append(part)
+        joined.append({**message, "content": parts})
+    return joined
+
+
 @dataclass(slots=True)
 class EncodedBatch:
     """Tensors for one forward or generate call, and the padded prompt length (where generation starts)."""
@@ -97,7 +119,7 @@ class PromptEncoder:
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """Token ids of the rendered chat, ending with the assistant header; one image pad per image."""
         ids = self.tokenizer.apply_chat_template(
-            prompt.messages,
+            join_adjacent_texts(prompt.messages),
             chat_template=self.chat_template,
             add_generation_prompt=True,
             tokenize=True,
