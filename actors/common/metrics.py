@@ -35,6 +35,16 @@ class VigilMetrics:
         self.http_rejected_total = Counter(
             "vigil_http_rejected_total", "HTTP requests rejected, by error code.", ["code"], registry=self.registry
         )
+        self.sessions_created_total = Counter(
+            "vigil_sessions_created_total", "Sessions created (POST /v1/sessions answered 201).", registry=self.registry
+        )
+        self.quota_refusals_total = Counter(
+            "vigil_quota_refusals_total",
+            "Sessions refused (429 quota_exceeded) by the quota that was full: key (per API key) or address "
+            "(per client address).",
+            ["quota"],
+            registry=self.registry,
+        )
 
         self.memory_writes_total = Counter(
             "vigil_memory_writes_total",
