@@ -9,7 +9,7 @@ STAMP := $(VENV)/.vigil-installed
 VLLM_STAMP := $(VENV)/.vigil-vllm-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast lint bench install browser clean
+.PHONY: run test test-fast lint bench load install browser clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Vigil needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
@@ -44,11 +44,16 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "unit"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check actors serve_app.py tests bench
-	$(VENV)/bin/mypy actors serve_app.py
+	$(VENV)/bin/ruff check actors serve_app.py tests bench load_tests
+	$(VENV)/bin/mypy actors serve_app.py load_tests
 
 bench: $(STAMP)
 	$(PY) -m bench.tick_latency --clients 1 8
+
+# 8 replayed 640x480 streams for 30 s against VIGIL_URL, or against a Vigil (demo model) started for the run.
+LOAD_ARGS ?= --streams 8 --seconds 30 --json .cache/load/report.json
+load: $(STAMP)
+	$(PY) -m load_tests $(if $(VIGIL_URL),--url $(VIGIL_URL),--start-vigil) $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
