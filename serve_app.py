@@ -44,7 +44,7 @@ def build_app(config: VigilConfig) -> serve.Application:
         memory = Memory.options(
             num_replicas=config.memory_replicas, ray_actor_options={"num_cpus": config.memory_cpus}
         ).bind(config)
-    ingest = Ingest.options(ray_actor_options={"num_cpus": config.ingest_cpus})
+    ingest = Ingest.options(num_replicas=config.ingest_replicas, ray_actor_options={"num_cpus": config.ingest_cpus})
     return ingest.bind(config, sampler, interaction, memory)
 
 

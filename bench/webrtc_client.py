@@ -16,7 +16,7 @@ import av
 import httpx
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import VideoStreamTrack
+from aiortc.mediastreams import MediaStreamTrack, VideoStreamTrack
 
 from actors.ingest.ice import rtc_configuration
 
@@ -59,14 +59,17 @@ class VigilClient:
         self.messages: list[dict[str, Any]] = []
         self.ticks: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=100_000)
         self.opened = asyncio.Event()
+        self.greeted = asyncio.Event()  # the connection's `hello` came
         self.channel: Any = None
+        self.replica = ""
 
     @property
     def session_id(self) -> str:
         return str(self.session["session_id"])
 
     def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.session['token']}"}
+        """The headers of every call about this session: its token, and its id (Vigil routes by it)."""
+        return {"Authorization": f"Bearer {self.session['token']}", "x-session-id": self.session_id}
 
     async def create(self, instructions: list[str] | None = None) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -75,15 +78,26 @@ class VigilClient:
         self.session = reply.json()
         return self.session
 
-    async def connect(self, track: VideoStreamTrack, instructions: list[str] | None = None) -> None:
+    async def connect(self, track: MediaStreamTrack, instructions: list[str] | None = None) -> None:
         """Create a session (unless created) and start streaming `track`."""
         if not self.session:
             await self.create(instructions)
+        await self._offer(track)
+
+    async def reconnect(self, track: MediaStreamTrack) -> None:
+        """A new peer connection for the same session (same id and token): Vigil resumes it where it was."""
+        if self.pc is not None:
+            await self.pc.close()
+        self.opened = asyncio.Event()
+        self.greeted = asyncio.Event()
+        await self._offer(track)
+
+    async def _offer(self, track: MediaStreamTrack) -> None:
         self.pc = RTCPeerConnection(rtc_configuration([]))
         self.channel = self.pc.createDataChannel("vigil")
         self.channel.on("open", self.opened.set)
         self.channel.on("message", self._on_message)
-        self.pc.addTrack(track)
+        self._add_track(track)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         reply = await self.http.post(
             f"/v1/sessions/{self.session_id}/offer",
@@ -91,13 +105,26 @@ class VigilClient:
             headers=self.auth(),
         )
         reply.raise_for_status()
-        await self.pc.setRemoteDescription(RTCSessionDescription(**reply.json()))
+        self.replica = reply.headers.get("x-vigil-replica", "")  # the ingest replica that holds the peer now
+        answer = RTCSessionDescription(**reply.json())
+        self._check_answer(answer.sdp)
+        await self.pc.setRemoteDescription(answer)
         await asyncio.wait_for(self.opened.wait(), 15.0)
+        await asyncio.wait_for(self.greeted.wait(), 15.0)
+
+    def _add_track(self, track: MediaStreamTrack) -> None:
+        assert self.pc is not None
+        self.pc.addTrack(track)
+
+    def _check_answer(self, sdp: str) -> None:
+        """Refuse an answer before it is applied (a subclass's check); any answer does here."""
 
     def _on_message(self, data: str | bytes) -> None:
         message = json.loads(data)
         message["received_at"] = time.monotonic()
         self.messages.append(message)
+        if message.get("type") == "hello":
+            self.greeted.set()
         if message.get("type") == "tick":
             self.ticks.put_nowait(message)
 

@@ -28,6 +28,13 @@ class RunningVigil:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def replica_pids(self, deployment: str) -> list[int]:
+        """The processes of this Vigil's replicas of `deployment` (e.g. "Ingest"), not another Vigil's on the
+        same machine: Ray's processes stay in the session Vigil was started in."""
+        found = subprocess.run(["pgrep", "-s", str(self.process.pid), "-f", f"ServeReplica:vigil:{deployment}"],
+                               capture_output=True, text=True)
+        return [int(pid) for pid in found.stdout.split()]
+
 
 def launch_vigil(workdir: Path, model_dir: Path, **env: str) -> Iterator[RunningVigil]:
     """Start Vigil with `model_dir` as its model; yield once /readyz answers 200; stop it (SIGINT) after."""

@@ -8,6 +8,9 @@ the page, the session's memory recalls what was said, with its stream time.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,3 +77,39 @@ async def test_response_within_two_seconds_of_the_trigger(vigil_demo: RunningVig
         await page.click("#stop")
         await page.wait_for_selector('#status[data-state="stopped"]', timeout=10_000)
         assert not browser.console_errors(), browser.log()
+
+
+MARKS_JS = """() => Array.from(document.querySelectorAll('#timeline .mark')).map(mark => mark.title)"""
+
+
+async def test_the_page_reconnects_by_itself_when_its_ingest_replica_is_killed(
+    vigil_demo: RunningVigil, tmp_path: Path
+) -> None:
+    clip = write_trigger_clip(tmp_path / "trigger.y4m", seconds=CLIP_S, trigger_at_s=CLIP_S)
+    async with chromium_page(clip, origin=vigil_demo.url) as browser:
+        page = browser.page
+        await page.goto(vigil_demo.url)
+        await page.fill("#instruction-input", "tell me when a red disc appears")
+        await page.click("#add-instruction")
+        await page.click("#start")
+        await page.wait_for_selector('#status[data-state="live"]', timeout=30_000)
+        await page.wait_for_function("document.querySelectorAll('#timeline .mark').length >= 3", timeout=15_000)
+        (pid,) = vigil_demo.replica_pids("Ingest")
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        # No tick for a few seconds: the page connects again on its own, and Serve's new replica resumes it.
+        note = page.locator("#responses .resumed").first
+        await note.wait_for(timeout=60_000)
+        back_after = time.monotonic() - killed_at
+        text = await note.inner_text()
+        assert "s of video missed" in text, text
+        await page.wait_for_selector('#status[data-state="live"]', timeout=10_000)
+        count = len(await page.evaluate(MARKS_JS))
+        await page.wait_for_function(f"document.querySelectorAll('#timeline .mark').length >= {count + 3}",
+                                     timeout=15_000)
+        titles = await page.evaluate(MARKS_JS)
+        numbers = [int(title.split(" · ")[0].removeprefix("tick ")) for title in titles]
+        assert len(numbers) == len(set(numbers)) and numbers == sorted(numbers), f"tick numbers go on: {numbers}"
+        print(f"page reconnected {back_after:.1f} s after its ingest replica was killed: {text}")
+        await page.click("#stop")
+        await page.wait_for_selector('#status[data-state="stopped"]', timeout=10_000)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -98,11 +97,6 @@ QUESTIONS = [
 ]
 
 
-def _memory_replica_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "ServeReplica:vigil:Memory"], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
-
-
 async def _recalled(client: VigilClient, question: str, note: str, timeout: float) -> float:
     started = time.monotonic()
     while True:
@@ -126,7 +120,7 @@ async def test_killing_the_memory_replica_loses_nothing_acknowledged(vigil_tiny:
             client.send({"type": "question", "text": note})
         for note, question in zip(NOTES[:half], QUESTIONS[:half], strict=True):
             await _recalled(client, question, note, timeout=20)  # acknowledged: memory has it
-        pids = _memory_replica_pids()
+        pids = vigil_tiny.replica_pids("Memory")
         assert len(pids) == 1, f"expected one memory replica process, found {pids}"
         os.kill(pids[0], signal.SIGKILL)
         killed_at = time.monotonic()
@@ -139,15 +133,10 @@ async def test_killing_the_memory_replica_loses_nothing_acknowledged(vigil_tiny:
         waits = [await _recalled(client, q, n, timeout=60) for n, q in zip(NOTES, QUESTIONS, strict=True)]
         back_after = time.monotonic() - killed_at
         print(f"memory replica killed: every note recalled again {back_after:.1f} s later ({max(waits):.1f} s)")
-        new_pids = _memory_replica_pids()
+        new_pids = vigil_tiny.replica_pids("Memory")
         assert new_pids and pids[0] not in new_pids, "Serve replaced the memory replica"
     finally:
         await client.close()
-
-
-def _interaction_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "ServeReplica:vigil:Interaction"], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
 
 
 async def test_killing_the_only_interaction_replica_never_hangs_a_tick(vigil_tiny: RunningVigil) -> None:
@@ -159,7 +148,7 @@ async def test_killing_the_only_interaction_replica_never_hangs_a_tick(vigil_tin
     try:
         while (await asyncio.wait_for(client.ticks.get(), 30))["outcome"].startswith("skipped:"):
             pass
-        pids = _interaction_pids()
+        pids = vigil_tiny.replica_pids("Interaction")
         assert len(pids) == 1, f"expected one interaction replica process, found {pids}"
         os.kill(pids[0], signal.SIGKILL)
         killed_at = time.monotonic()

@@ -11,6 +11,9 @@ const MAX_MARKS = 900;
 const MAX_RESPONSES = 200;
 const LATENCY_WINDOW = 60;
 const RECONNECT_ATTEMPTS = 5;
+// Vigil sends a tick message every second while it runs the session: this long without any message means its
+// replica is gone (WebRTC itself notices only after many seconds), and the page connects again to resume.
+const SILENCE_MS = 4000;
 const PENDING_LIMIT = 8;
 
 const $ = (id) => document.getElementById(id);
@@ -32,6 +35,8 @@ const state = {
   pc: null,
   dc: null,
   pingTimer: null,
+  silenceTimer: null,
+  lastMessageAt: 0,
   pingSeq: 0,
   pingsSent: new Map(),
   lastPongAt: 0,
@@ -92,10 +97,19 @@ function reportError(err) {
   else showError("client_error", (err && err.message) || String(err));
 }
 
+// The session id of a path like v1/sessions/<id>/...: sent as x-session-id too, by which Vigil routes every call
+// of a session to the replica that holds its connection.
+function sessionOfPath(path) {
+  const match = /^v1\/sessions\/([^/]+)/.exec(path);
+  return match ? decodeURIComponent(match[1]) : null;
+}
+
 async function api(method, path, token, body) {
   const headers = {};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (token) headers.Authorization = `Bearer ${token}`;
+  const sessionId = sessionOfPath(path);
+  if (sessionId) headers["x-session-id"] = sessionId;
   let response;
   try {
     response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
@@ -179,6 +193,8 @@ async function connectPeer() {
 function closePeer() {
   clearInterval(state.pingTimer);
   state.pingTimer = null;
+  clearInterval(state.silenceTimer);
+  state.silenceTimer = null;
   state.pingsSent.clear();
   const { pc, dc } = state;
   state.pc = null;
@@ -191,18 +207,23 @@ function onChannelOpen() {
   state.attempts = 0;
   setStatus("live", "Live");
   state.lastPongAt = Date.now();
+  state.lastMessageAt = Date.now();
   sendPing();
   state.pingTimer = setInterval(sendPing, PING_INTERVAL_MS);
+  state.silenceTimer = setInterval(() => {
+    if (Date.now() - state.lastMessageAt > SILENCE_MS) onConnectionLost("Vigil stopped answering.", { atOnce: true });
+  }, 1000);
 }
 
-async function onConnectionLost(reason) {
+async function onConnectionLost(reason, { atOnce = false } = {}) {
   if (!state.running || state.reconnecting) return;
   state.reconnecting = true;
   closePeer();
   while (state.running && state.attempts < RECONNECT_ATTEMPTS) {
     const attempt = ++state.attempts;
     setStatus("reconnecting", `Reconnecting (${attempt}/${RECONNECT_ATTEMPTS})…`);
-    await sleep(1000 * attempt);
+    // A replica that drains asks for it: the first try goes at once, to another replica.
+    await sleep(atOnce && attempt === 1 ? 0 : 1000 * attempt);
     if (!state.running) break;
     try {
       await connectPeer();
@@ -250,6 +271,7 @@ function sendPing() {
 }
 
 function onMessage(data) {
+  state.lastMessageAt = Date.now();
   let message;
   try { message = JSON.parse(data); } catch { return; }
   if (!message || typeof message !== "object") return;
@@ -257,6 +279,10 @@ function onMessage(data) {
     case "hello":
       showModel(message.model);
       renderInstructions(message.instructions || []);
+      if (message.resumed) showResumed(message.resumed);
+      break;
+    case "reconnect":
+      onConnectionLost(message.message || "Vigil asked to reconnect.", { atOnce: true });
       break;
     case "instructions":
       renderInstructions(message.items || []);
@@ -286,6 +312,15 @@ function onMessage(data) {
 }
 
 // ---------- rendering ----------
+
+function showResumed(resumed) {
+  const missed = Math.round(Number(resumed.missed_s) || 0);
+  const note = document.createElement("li");
+  note.className = "resumed";
+  note.textContent = `Reconnected at ${formatStreamTime(Number(resumed.stream_time) || 0)}, ${missed} s of video missed`;
+  appendToResponses(note);
+  setStatus("live", `Live · reconnected, ${missed} s of video missed`);
+}
 
 function showModel(model) {
   if (!model) return;
@@ -534,7 +569,8 @@ window.addEventListener("pagehide", () => {
   const session = state.session;
   if (!session) return;
   fetch(`v1/sessions/${encodeURIComponent(session.session_id)}`, {
-    method: "DELETE", keepalive: true, headers: { Authorization: `Bearer ${session.token}` },
+    method: "DELETE", keepalive: true,
+    headers: { Authorization: `Bearer ${session.token}`, "x-session-id": session.session_id },
   }).catch(() => {});
 });
 renderInstructions([]);

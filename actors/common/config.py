@@ -24,6 +24,10 @@ class Limits(BaseModel):
     max_instructions: int = 8
     max_sessions: int = 64
     max_frame_pixels: int = 1920 * 1080
+    # Sessions one API key / one client address may hold at once (created and not yet expired, or connected),
+    # counted across every ingest replica. With one shared API key, the key quota caps the whole deployment.
+    max_sessions_per_key: int = Field(default=32, ge=1)
+    max_sessions_per_address: int = Field(default=16, ge=1)
 
 
 class VigilConfig(BaseModel):
@@ -34,6 +38,10 @@ class VigilConfig(BaseModel):
     redis_url: str | None = None
     redis_dir: str = ".cache/redis"
     api_key: SecretStr | None = None
+    trust_forwarded_for: bool = Field(
+        default=False, description="count sessions by the address the proxy in front appended to X-Forwarded-For; "
+        "only behind a proxy that sets it, or any client can claim any address",
+    )
 
     model: str = DEFAULT_MODEL
     fallback_to_demo: bool = True
@@ -57,6 +65,10 @@ class VigilConfig(BaseModel):
     silent_without_instruction: bool = True
     change_threshold: float = 0.08
     session_ttl_s: int = 13 * 3600
+    unconnected_session_ttl_s: int = Field(
+        default=120, ge=1, description="a created session whose offer is not accepted this soon expires; an accepted "
+        "offer gives it session_ttl_s",
+    )
     event_log_max: int = 50_000
     heartbeat_timeout_s: float = 30.0
     decide_timeout_s: float = Field(
@@ -104,6 +116,10 @@ class VigilConfig(BaseModel):
     keyframe_every_s: float = Field(default=5.0, description="at most one keyframe per this much stream time")
 
     interaction_replicas: int = 1
+    ingest_replicas: int = Field(
+        default=1, description="ingest replicas (HTTP + WebRTC peers); a session's calls go to its replica by the "
+        "x-session-id header, and its clients resume on another when it goes",
+    )
     max_ongoing_requests: int = 64
     interaction_max_queued: int = Field(
         default=256, description="ticks queued for the interaction replicas beyond which new ones are refused "
@@ -142,7 +158,8 @@ class VigilConfig(BaseModel):
 
     @classmethod
     def from_env(cls, overrides: dict[str, Any] | None = None) -> VigilConfig:
-        """Read VIGIL_<FIELD> variables (and REDIS_URL); lists are comma-separated; `overrides` win."""
+        """Read VIGIL_<FIELD> and VIGIL_LIMITS_<LIMIT> variables (and REDIS_URL); lists are comma-separated;
+        `overrides` win."""
         values: dict[str, Any] = {}
         for name, field in cls.model_fields.items():
             raw = os.environ.get(ENV_PREFIX + name.upper())
@@ -157,6 +174,10 @@ class VigilConfig(BaseModel):
                     raise ValueError(f"{ENV_PREFIX}{name.upper()} must be a JSON object: {exc}") from None
             else:
                 values[name] = raw
+        limits = {name: raw for name in Limits.model_fields
+                  if (raw := os.environ.get(f"{ENV_PREFIX}LIMITS_{name.upper()}")) is not None}
+        if limits:
+            values["limits"] = limits
         if "redis_url" not in values and os.environ.get("REDIS_URL"):
             values["redis_url"] = os.environ["REDIS_URL"]
         values.update(overrides or {})

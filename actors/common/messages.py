@@ -128,6 +128,7 @@ class TickOutcome:
     replica: str = ""
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    missed_s: float = 0.0  # `skipped:reconnect`: the seconds of video a resumed session did not see
 
     @property
     def skipped(self) -> bool:

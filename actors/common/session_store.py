@@ -7,6 +7,7 @@ import hmac
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
@@ -24,6 +25,44 @@ class UnknownSession(KeyError):
     """No live session has this id."""
 
 
+@dataclass(frozen=True, slots=True)
+class SessionClock:
+    """Where a session's ticks stopped: its newest recorded tick, that tick's stream time, and when (wall time).
+
+    A session that resumes on another replica continues from here: its next tick is `tick + 1`, and its stream
+    time goes on from `stream_time` plus the seconds that went by since `wall_time`.
+    """
+
+    tick: int
+    stream_time: float
+    wall_time: float
+
+
+# Appends an outcome only while `owner` still holds the session, and moves the session's clock forward (ticks
+# can be recorded out of order: a busy tick is logged while the tick before it still runs). Returns 1 if
+# recorded, 0 if another replica has taken the session over. An empty owner (a loop run without a claim, as
+# in a one-process tool) records unconditionally.
+_RECORD_OUTCOME = """
+if ARGV[1] ~= '' and redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('rpush', KEYS[2], ARGV[2])
+redis.call('ltrim', KEYS[2], -tonumber(ARGV[6]), -1)
+redis.call('expire', KEYS[2], ARGV[7])
+local newest = tonumber(redis.call('hget', KEYS[3], 'tick') or '-1')
+if tonumber(ARGV[3]) > newest then
+  redis.call('hset', KEYS[3], 'tick', ARGV[3], 'stream_time', ARGV[4], 'wall_time', ARGV[5])
+end
+redis.call('expire', KEYS[3], ARGV[7])
+if ARGV[1] ~= '' then redis.call('expire', KEYS[1], ARGV[7]) end
+return 1
+"""
+
+# Gives the session up only if `owner` still holds it.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
 def new_session_id() -> str:
     return "s_" + secrets.token_hex(12)
 
@@ -35,14 +74,17 @@ def hash_token(token: str) -> str:
 class SessionStore:
     """Redis-backed session state shared by every ingest replica.
 
-    Keys: `vigil:session:<id>` (record), `…:events` (tick outcomes, a list), `…:inbox` (pending results).
-    Every key carries the session TTL, refreshed on writes.
+    Keys: `vigil:session:<id>` (record), `…:events` (tick outcomes, a list), `…:inbox` (pending results),
+    `…:control` (settings changed on another replica), `…:owner` (the peer that runs its ticks: replica and
+    connection) and `…:clock` (where its ticks stopped). Every key carries the session TTL, refreshed on writes.
     """
 
     def __init__(self, client: redis.Redis, ttl_s: int, event_log_max: int) -> None:
         self._redis = client
         self._ttl_s = ttl_s
         self._event_log_max = event_log_max
+        self._record_outcome = client.register_script(_RECORD_OUTCOME)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int, event_log_max: int) -> SessionStore:
@@ -55,23 +97,32 @@ class SessionStore:
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
 
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client, for other state kept beside the sessions' (their quotas)."""
+        return self._redis
+
     @staticmethod
     def _key(session_id: str, part: str = "") -> str:
         return KEY_PREFIX + session_id + (":" + part if part else "")
 
     async def create(
-        self, instructions: tuple[str, ...] = (), speak_threshold: float = 0.5
+        self, instructions: tuple[str, ...] = (), speak_threshold: float = 0.5, *,
+        session_id: str | None = None, ttl_s: int | None = None,
     ) -> tuple[SessionRecord, str]:
-        """Create a session; returns its record and the bearer token (only its hash is stored)."""
+        """Create a session; returns its record and the bearer token (only its hash is stored).
+
+        `ttl_s`: how long the record lives until it is first updated as connected (default: the session TTL).
+        """
         token = secrets.token_urlsafe(32)
         record = SessionRecord(
-            session_id=new_session_id(),
+            session_id=session_id or new_session_id(),
             token_hash=hash_token(token),
             created_at=time.time(),
             instructions=instructions,
             speak_threshold=speak_threshold,
         )
-        await self._redis.set(self._key(record.session_id), encode(record), ex=self._ttl_s, nx=True)
+        await self._redis.set(self._key(record.session_id), encode(record), ex=ttl_s or self._ttl_s, nx=True)
         return record, token
 
     async def get(self, session_id: str) -> SessionRecord:
@@ -88,7 +139,11 @@ class SessionStore:
         return record
 
     async def update(self, record: SessionRecord) -> None:
-        await self._redis.set(self._key(record.session_id), encode(record), ex=self._ttl_s, xx=True)
+        """Rewrite an existing record. A session that has connected (live or ended) gets the full session TTL
+        from now; one never connected (`created`) keeps the TTL it was created with, so it still expires soon."""
+        unconnected = record.state == "created"
+        await self._redis.set(self._key(record.session_id), encode(record), xx=True,
+                              ex=None if unconnected else self._ttl_s, keepttl=unconnected)
 
     async def append_outcome(self, outcome: TickOutcome) -> None:
         """Append one tick outcome to the session's event log (bounded, TTL refreshed)."""
@@ -132,3 +187,56 @@ class SessionStore:
         record = await self.get(session_id)
         fields = to_dict(record) | {"state": "ended"}
         await self.update(from_dict(SessionRecord, fields))
+        await self._redis.delete(self._key(session_id, "owner"))  # whichever replica runs it stops recording
+
+    # -- who runs the ticks ------------------------------------------------------------------------------------
+
+    async def claim(self, session_id: str, owner: str) -> SessionClock | None:
+        """Make `owner` (one peer connection on one replica) the only one whose ticks are recorded, taking the
+        session over from whoever held it; returns where its ticks stopped (None: it never ticked)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(session_id, "owner"), owner, ex=self._ttl_s)
+            pipe.hgetall(self._key(session_id, "clock"))
+            _, clock = await pipe.execute()
+        if not clock:
+            return None
+        fields = {key.decode(): value.decode() for key, value in cast(dict[bytes, bytes], clock).items()}
+        return SessionClock(int(fields["tick"]), float(fields["stream_time"]), float(fields["wall_time"]))
+
+    async def owner(self, session_id: str) -> str | None:
+        value = await self._redis.get(self._key(session_id, "owner"))
+        return None if value is None else cast(bytes, value).decode()
+
+    async def release(self, session_id: str, owner: str) -> None:
+        """Give the session up, if `owner` still holds it (a replica that lost it leaves the new owner be)."""
+        await self._release(keys=[self._key(session_id, "owner")], args=[owner])
+
+    async def record_outcome(self, outcome: TickOutcome, owner: str) -> bool:
+        """Append one outcome to the event log if `owner` still holds the session; False if it does not."""
+        keys = [self._key(outcome.session_id, part) for part in ("owner", "events", "clock")]
+        args: list[bytes | str | int] = [
+            owner, encode(outcome), outcome.tick, repr(outcome.stream_time), repr(outcome.wall_time),
+            self._event_log_max, self._ttl_s,
+        ]
+        return bool(await self._record_outcome(keys=keys, args=args))
+
+    async def push_control(self, session_id: str, item: dict[str, Any]) -> None:
+        """A change for the replica that runs the session (it takes it at its next tick)."""
+        key = self._key(session_id, "control")
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, msgpack.packb(item, use_bin_type=True))
+            pipe.ltrim(key, -INBOX_MAX, -1)
+            pipe.expire(key, self._ttl_s)
+            await pipe.execute()
+
+    async def pop_pending(self, session_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Take every pending inbox item and control change, atomically, in one round trip."""
+        inbox, control = self._key(session_id, "inbox"), self._key(session_id, "control")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lrange(inbox, 0, -1)
+            pipe.lrange(control, 0, -1)
+            pipe.delete(inbox, control)
+            results, changes, _ = await pipe.execute()
+        return ([msgpack.unpackb(item, raw=False) for item in results],
+                [msgpack.unpackb(item, raw=False) for item in changes])
+

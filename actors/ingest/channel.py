@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from actors.common.client_text import ClientTextError, check_client_text
 from actors.common.messages import EngineInfo, TickOutcome
 
 ClientKind = Literal["instruction", "clear_instructions", "question", "recall", "ping", "settings"]
@@ -30,7 +31,7 @@ class ClientMessage:
 
 def parse_client_message(data: str | bytes, max_bytes: int, max_text_chars: int) -> ClientMessage:
     """Parse one data-channel message from a client, or raise ChannelError."""
-    size = len(data.encode() if isinstance(data, str) else data)
+    size = len(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
     if size > max_bytes:
         raise ChannelError("too_large", f"message of {size} bytes is over the {max_bytes}-byte limit")
     try:
@@ -43,16 +44,19 @@ def parse_client_message(data: str | bytes, max_bytes: int, max_text_chars: int)
     if kind not in CLIENT_KINDS:
         raise ChannelError("unknown_type", f"unknown message type {kind!r}; expected one of {list(CLIENT_KINDS)}")
     if kind in ("instruction", "question", "recall"):
-        text = payload.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise ChannelError("bad_field", f"{kind} needs a non-empty string 'text'")
-        if len(text) > max_text_chars:
-            raise ChannelError("bad_field", f"text of {len(text)} characters is over the {max_text_chars} limit")
-        return ClientMessage(kind=kind, text=text.strip())
+        try:
+            text = check_client_text(payload.get("text"), max_text_chars, f"{kind} 'text'")
+        except ClientTextError as exc:
+            raise ChannelError("bad_field", str(exc)) from None
+        return ClientMessage(kind=kind, text=text)
     if kind == "ping":
         ping_id = payload.get("id")
         if ping_id is not None and not isinstance(ping_id, str | int | float):
             raise ChannelError("bad_field", "ping 'id' must be a number or a string")
+        try:
+            _dumps({"id": ping_id}).encode()  # it is sent back
+        except UnicodeEncodeError:
+            raise ChannelError("bad_field", "ping 'id' must be valid Unicode") from None
         return ClientMessage(kind="ping", ping_id=ping_id)
     if kind == "settings":
         return ClientMessage(kind="settings", speak_threshold=parse_speak_threshold(payload.get("speak_threshold")))
@@ -79,8 +83,14 @@ def model_payload(info: EngineInfo) -> dict[str, Any]:
 
 
 def hello_message(
-    session_id: str, info: EngineInfo, tick_interval_s: float, instructions: tuple[str, ...], speak_threshold: float
+    session_id: str,
+    info: EngineInfo,
+    tick_interval_s: float,
+    instructions: tuple[str, ...],
+    speak_threshold: float,
+    resumed: dict[str, Any] | None = None,
 ) -> str:
+    """The first message of a connection; `resumed` (tick, stream_time, missed_s) when it continues a session."""
     return _dumps(
         {
             "type": "hello",
@@ -89,8 +99,14 @@ def hello_message(
             "tick_interval_s": tick_interval_s,
             "instructions": list(instructions),
             "speak_threshold": speak_threshold,
+            "resumed": resumed,
         }
     )
+
+
+def reconnect_message(reason: str, message: str) -> str:
+    """This replica is going away (drain): connect again, with the same session and token, to be resumed."""
+    return _dumps({"type": "reconnect", "reason": reason, "message": message})
 
 
 def instructions_message(instructions: tuple[str, ...]) -> str:

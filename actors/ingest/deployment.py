@@ -1,8 +1,18 @@
-"""The ingest on Ray Serve: the HTTP API, the WebRTC peers and every session's tick loop."""
+"""The ingest on Ray Serve: the HTTP API, the WebRTC peers and every session's tick loop.
+
+A session's HTTP calls carry its id in the `x-session-id` header, which Ray Serve's proxy routes by (consistent
+hashing over the ingest replicas): its offer, events, settings, recall and DELETE reach the replica that holds its
+peer, and sessions spread evenly over replicas. A call that reaches another replica (the header left out, or the
+replicas changed) still works: the session's state, its owner and changes meant for it are in Redis.
+
+When a replica goes (scale-down, redeploy), it drains: each client is told on its data channel to connect again,
+and resumes on another replica where its ticks stopped.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ray import serve
@@ -10,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.common.config import VigilConfig
 from actors.common.metrics import VigilMetrics
+from actors.common.replicas import session_affinity
 from actors.common.session_store import SessionStore
 from actors.ingest.gateway import Gateway, build_api
 from actors.ingest.ice import restrict_host_addresses
@@ -18,8 +29,10 @@ from actors.interaction.deployment import RemoteEngine
 from actors.memory.deployment import RemoteMemory
 from actors.sampler.deployment import RemoteSampler
 
+DRAIN_GRACE_S = 1.0  # how long a draining replica gives its clients to read "reconnect" before closing
 
-@serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
+
+@serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5, request_router_config=session_affinity())
 @serve.ingress()
 class Ingest:
     """HTTP API, WebRTC peers and session loops."""
@@ -40,11 +53,12 @@ class Ingest:
             sample=RemoteSampler(sampler).sample, decide=engine.decide, store=store, metrics=VigilMetrics(),
             memory=RemoteMemory(memory) if memory is not None else None,
         )
-        self.gateway = Gateway(config, store, services, engine)
+        replica = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"
+        self.gateway = Gateway(config, store, services, engine, replica)
         await self.gateway.start()
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_api(self.gateway)
 
     async def __del__(self) -> None:
-        await self.gateway.shutdown()
+        await self.gateway.shutdown(DRAIN_GRACE_S)

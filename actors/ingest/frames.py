@@ -19,7 +19,9 @@ class ArrivedFrame:
 class LatestFrameBuffer:
     """Holds one frame: a new frame replaces the old one, so video never piles up behind a slow model."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream_time_offset: float = 0.0) -> None:
+        # A resumed session's stream time goes on from where it was (plus the time it missed).
+        self.stream_time_offset = stream_time_offset
         self._latest: ArrivedFrame | None = None
         self._seq = 0
         self.first_arrival: float | None = None
@@ -40,5 +42,6 @@ class LatestFrameBuffer:
         return latest
 
     def stream_time(self, arrival: float) -> float:
-        """Seconds since the first frame of the stream."""
-        return 0.0 if self.first_arrival is None else arrival - self.first_arrival
+        """Seconds since the first frame of the stream (of its first connection, for a resumed session)."""
+        since_first = 0.0 if self.first_arrival is None else arrival - self.first_arrival
+        return self.stream_time_offset + since_first

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
+from actors.common.client_text import ClientTextError, check_client_text
 from actors.common.config import VigilConfig
 from actors.common.messages import EngineInfo, SessionRecord, from_dict, to_dict
 from actors.common.replicas import ReplicaFailed
-from actors.common.session_store import SessionStore, UnknownSession
+from actors.common.session_store import SessionStore, UnknownSession, new_session_id
 from actors.ingest.channel import model_payload, tick_payload
-from actors.ingest.peer import InvalidOffer, PeerSession
+from actors.ingest.peer import InvalidOffer, PeerSession, check_offer
+from actors.ingest.quotas import QuotaExceeded, SessionQuotas, client_address, key_id
 from actors.ingest.session_loop import TickServices
 
 log = logging.getLogger(__name__)
@@ -30,11 +34,12 @@ WEB_FILES = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
 class ApiError(Exception):
     """An HTTP error with the documented body `{"error": {"code", "message"}}`."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 class CreateSessionBody(BaseModel):
@@ -64,20 +69,31 @@ def bearer(request: Request) -> str | None:
 class Gateway:
     """Sessions and their peer connections in this replica; session state itself lives in Redis."""
 
-    def __init__(self, config: VigilConfig, store: SessionStore, services: TickServices, engine: Any) -> None:
+    def __init__(
+        self, config: VigilConfig, store: SessionStore, services: TickServices, engine: Any, replica: str = "local"
+    ) -> None:
         self.config = config
+        self.replica = replica  # this ingest replica's name, in each peer's claim on its session
         self.store = store
         self.services = services
         self.engine = engine  # anything with async info() and check_health()
         self.engine_info = EngineInfo(engine="unknown", model="unknown")
         self.peers: dict[str, PeerSession] = {}
+        self.draining = False  # shutting down: sessions move to other replicas, none start here
         self._closers: set[asyncio.Task[None]] = set()
+        limits = config.limits
+        self.quotas = SessionQuotas(store.client, limits.max_sessions_per_key, limits.max_sessions_per_address)
 
     async def start(self) -> None:
         self.engine_info = await self.engine.info()
 
-    async def shutdown(self) -> None:
-        await asyncio.gather(*(peer.close() for peer in list(self.peers.values())), return_exceptions=True)
+    async def shutdown(self, grace_s: float = 1.0) -> None:
+        """Drain: every client is told to reconnect (it resumes on another replica), then its peer closes."""
+        self.draining = True
+        peers = list(self.peers.values())
+        if peers:
+            log.info("draining %d sessions: their clients are told to reconnect", len(peers))
+        await asyncio.gather(*(peer.drain(grace_s) for peer in peers), return_exceptions=True)
         await self.store.close()
 
     # -- sessions ------------------------------------------------------------------------------------------
@@ -94,22 +110,32 @@ class Gateway:
         limits = self.config.limits
         if len(instructions) > limits.max_instructions:
             raise ApiError(422, "invalid_request", f"at most {limits.max_instructions} instructions")
-        cleaned = tuple(text.strip() for text in instructions if text.strip())
-        for text in cleaned:
-            if len(text) > limits.max_text_chars:
-                raise ApiError(422, "invalid_request", f"an instruction is over {limits.max_text_chars} characters")
-        return cleaned
+        try:  # blank entries (an empty form field) are left out, the rest must pass as client text
+            return tuple(check_client_text(text, limits.max_text_chars, f"instructions[{index}]")
+                         for index, text in enumerate(instructions) if text.strip())
+        except ClientTextError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from None
 
-    async def create_session(self, body: CreateSessionBody) -> dict[str, Any]:
+    async def create_session(self, body: CreateSessionBody, address: str, api_key: str | None) -> dict[str, Any]:
+        """A new session, counted against the client's address and API key (`None`: Vigil runs without one)
+        until its unconnected TTL passes or its offer is accepted."""
         if len(self.peers) >= self.config.limits.max_sessions:
             raise ApiError(503, "too_many_sessions", f"this replica holds {len(self.peers)} sessions, the limit")
         threshold = self.config.speak_threshold if body.speak_threshold is None else body.speak_threshold
-        record, token = await self.store.create(self._check_instructions(body.instructions), threshold)
+        instructions = self._check_instructions(body.instructions)
+        session_id, ttl_s = new_session_id(), self.config.unconnected_session_ttl_s
+        await self._admit(session_id, address, api_key, ttl_s)
+        try:
+            record, token = await self.store.create(instructions, threshold, session_id=session_id, ttl_s=ttl_s)
+        except BaseException:
+            await self.quotas.release(session_id)
+            raise
+        self.services.metrics.sessions_created_total.inc()
         limits = self.config.limits
         return {
             "session_id": record.session_id,
             "token": token,
-            "expires_in": self.config.session_ttl_s,
+            "expires_in": ttl_s,  # the offer must come within this; once accepted, session_ttl_s
             "tick_interval_s": self.config.tick_interval_s,
             "speak_threshold": record.speak_threshold,
             "model": model_payload(self.engine_info),
@@ -119,6 +145,22 @@ class Gateway:
                 "max_tracks": limits.max_tracks,
             },
         }
+
+    async def _admit(self, session_id: str, address: str, api_key: str | None, ttl_s: int) -> None:
+        key = None if api_key is None else key_id(api_key)
+        try:
+            await self.quotas.admit(session_id, address, key, time.time() + ttl_s)
+        except QuotaExceeded as exc:
+            self.services.metrics.quota_refusals_total.labels(quota=exc.quota).inc()
+            holder, setting = {"key": ("this API key", "max_sessions_per_key"),
+                               "address": ("this client address", "max_sessions_per_address")}[exc.quota]
+            raise ApiError(
+                429, "quota_exceeded",
+                f"{holder} already holds {exc.limit} sessions, its limit (limits.{setting}): end one "
+                f"(DELETE /v1/sessions/{{id}}) or retry in {exc.retry_after_s} s (a session never connected "
+                f"frees its slot {ttl_s} s after it was created)",
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
 
     async def authorize(self, session_id: str, request: Request) -> SessionRecord:
         try:
@@ -134,15 +176,32 @@ class Gateway:
             raise ApiError(400, "invalid_sdp", f"expected an SDP of type 'offer', got {body.type!r}")
         if record.state == "ended":
             raise ApiError(404, "unknown_session", f"session {record.session_id} has ended")
-        if record.session_id in self.peers:
-            raise ApiError(409, "already_connected", "this session already has a live peer connection")
-        if len(self.peers) >= self.config.limits.max_sessions:
+        if self.draining:
+            raise ApiError(503, "draining", "this replica is shutting down: connect again to reach another")
+        limits = self.config.limits
+        try:
+            check_offer(body.sdp, limits.max_sdp_bytes, limits.max_tracks)
+        except InvalidOffer as exc:
+            raise ApiError(413 if exc.code == "sdp_too_large" else 400, exc.code, str(exc)) from None
+        replaced = self.peers.pop(record.session_id, None)
+        if replaced is not None:
+            # The same client connecting again (its network changed, or it saw the connection fail first).
+            log.info("session %s: a new offer replaces its peer on this replica", record.session_id)
+            await replaced.close()
+        if len(self.peers) >= limits.max_sessions:
             raise ApiError(503, "too_many_sessions", "this replica is full")
+        # From here on only this peer's ticks are recorded: a peer elsewhere that still runs stops at its next.
+        owner = f"{self.replica}/{uuid.uuid4().hex[:12]}"
+        resumed = await self.store.claim(record.session_id, owner)
+        if resumed is not None:
+            log.info("session %s resumes after tick %d at stream time %.1f s", record.session_id, resumed.tick,
+                     resumed.stream_time)
         peer = PeerSession(
             record.session_id, self.config, self.services, self.engine_info, record.instructions,
             on_instructions=lambda items: self._own(self._save_instructions(record.session_id, items)),
             speak_threshold=record.speak_threshold,
             on_speak_threshold=lambda value: self._own(self._save_settings(record.session_id, value)),
+            owner=owner, resumed=resumed,
         )
         self.peers[record.session_id] = peer
         try:
@@ -157,7 +216,10 @@ class Gateway:
             raise
         self.services.metrics.active_sessions.set(len(self.peers))
         self._own(self._forget_when_closed(peer))
+        # Live: the record gets the full session TTL (it was created with the unconnected one), and so does its
+        # place in its quotas.
         await self.store.update(from_dict(SessionRecord, to_dict(record) | {"state": "live"}))
+        await self.quotas.hold(record.session_id, time.time() + self.config.session_ttl_s)
         return {"type": "answer", "sdp": answer}
 
     async def settings(self, record: SessionRecord, body: SessionSettingsBody) -> dict[str, Any]:
@@ -167,6 +229,9 @@ class Gateway:
         peer = self.peers.get(record.session_id)
         if peer is not None:
             peer.loop.set_speak_threshold(body.speak_threshold)
+        else:
+            # Its peer runs on another replica (or none yet): that replica takes the change at its next tick.
+            await self.store.push_control(record.session_id, {"speak_threshold": body.speak_threshold})
         await self._save_settings(record.session_id, body.speak_threshold)
         return {"ok": True, "session_id": record.session_id, "speak_threshold": body.speak_threshold}
 
@@ -176,6 +241,7 @@ class Gateway:
             await peer.close()
         self.services.metrics.active_sessions.set(len(self.peers))
         await self.store.end(record.session_id)
+        await self.quotas.release(record.session_id)
         await self._release_memory(record.session_id)
         return {"ok": True, "session_id": record.session_id}
 
@@ -183,11 +249,12 @@ class Gateway:
         memory = self.services.memory
         if memory is None:
             raise ApiError(501, "memory_off", "this Vigil runs without memory (VIGIL_MEMORY=false)")
-        query = query.strip()
-        if not query:
+        if not query.strip():
             raise ApiError(422, "invalid_request", "q: a question is required, e.g. q=what happened at 10:30")
-        if len(query) > self.config.limits.max_text_chars:
-            raise ApiError(422, "invalid_request", f"q: over {self.config.limits.max_text_chars} characters")
+        try:
+            query = check_client_text(query, self.config.limits.max_text_chars, "q")
+        except ClientTextError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from None
         if not 1 <= k <= 50:
             raise ApiError(422, "invalid_request", "k: from 1 to 50")
         try:
@@ -242,7 +309,9 @@ class Gateway:
         await peer.close()
         if self.peers.get(peer.session_id) is peer:
             del self.peers[peer.session_id]
-            await self._release_memory(peer.session_id)
+            if not (peer.loop.lost or self.draining):  # a session that goes on elsewhere still uses its memory
+                await self._release_memory(peer.session_id)
+                await self.quotas.release(peer.session_id)  # a new offer for it counts it again
         self.services.metrics.active_sessions.set(len(self.peers))
 
     async def _save_settings(self, session_id: str, speak_threshold: float) -> None:
@@ -254,8 +323,8 @@ class Gateway:
         await self.store.update(from_dict(SessionRecord, to_dict(record) | {"instructions": instructions}))
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 async def read_json(request: Request, model: type[BaseModel], max_bytes: int, required: bool = True) -> Any:
@@ -282,10 +351,17 @@ def build_api(gateway: Gateway) -> FastAPI:
     max_body = gateway.config.limits.max_body_bytes
     metrics = gateway.services.metrics
 
+    @app.middleware("http")
+    async def _replica_header(request: Request, call_next: Any) -> Response:
+        # Which ingest replica answered: a client (or a test) sees that a session's calls reach one replica.
+        response: Response = await call_next(request)
+        response.headers["x-vigil-replica"] = gateway.replica
+        return response
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         metrics.http_rejected_total.labels(code=exc.code).inc()
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -298,7 +374,11 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def create_session(request: Request) -> dict[str, Any]:
         gateway.check_api_key(request)
         body = await read_json(request, CreateSessionBody, max_body, required=False)
-        return await gateway.create_session(body)
+        peer = request.client.host if request.client else None
+        forwarded_for = ", ".join(request.headers.getlist("x-forwarded-for"))
+        address = client_address(peer, forwarded_for, gateway.config.trust_forwarded_for)
+        api_key = bearer(request) if gateway.config.api_key is not None else None  # checked above
+        return await gateway.create_session(body, address, api_key)
 
     @app.post("/v1/sessions/{session_id}/offer")
     async def offer(session_id: str, request: Request) -> dict[str, str]:

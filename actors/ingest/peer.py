@@ -13,6 +13,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from actors.common.config import VigilConfig
 from actors.common.messages import EngineInfo
+from actors.common.session_store import SessionClock
 from actors.ingest.channel import (
     ChannelError,
     error_message,
@@ -20,6 +21,7 @@ from actors.ingest.channel import (
     parse_client_message,
     pong_message,
     recall_message,
+    reconnect_message,
 )
 from actors.ingest.frames import LatestFrameBuffer
 from actors.ingest.ice import filter_remote_candidates, rtc_configuration
@@ -76,15 +78,20 @@ class PeerSession:
         on_instructions: Callable[[tuple[str, ...]], None] | None = None,
         speak_threshold: float = 0.5,
         on_speak_threshold: Callable[[float], None] | None = None,
+        owner: str = "",
+        resumed: SessionClock | None = None,
     ) -> None:
         self.session_id = session_id
         self.config = config
         self.services = services
         self.engine_info = engine_info
-        self.frames = LatestFrameBuffer()
         self.pc = RTCPeerConnection(rtc_configuration(config.ice_servers))
         self.channel: RTCDataChannel | None = None
-        self.loop = SessionLoop(session_id, config, services, self.frames, self._send, instructions, speak_threshold)
+        self.loop = SessionLoop(session_id, config, services, LatestFrameBuffer(), self._send, instructions,
+                                speak_threshold, owner, resumed)
+        if resumed is not None:
+            self.loop.frames.stream_time_offset = resumed.stream_time + self.loop.missed_s
+        self.frames = self.loop.frames
         self._on_instructions = on_instructions
         self._on_speak_threshold = on_speak_threshold
         self._tasks: set[asyncio.Task[None]] = set()
@@ -177,8 +184,24 @@ class PeerSession:
             channel.on("open", self._send_hello)
 
     def _send_hello(self) -> None:
+        resumed = None
+        if self.loop.resumed is not None:
+            resumed = {"tick": self.loop.resumed.tick, "stream_time": self.loop.frames.stream_time_offset,
+                       "missed_s": round(self.loop.missed_s, 1)}
         self._send(hello_message(self.session_id, self.engine_info, self.config.tick_interval_s,
-                                 self.loop.instructions, self.loop.speak_threshold))
+                                 self.loop.instructions, self.loop.speak_threshold, resumed))
+
+    async def drain(self, grace_s: float) -> None:
+        """Tell the client to connect again (to another replica), give it `grace_s` to read that, and close."""
+        await self.loop.stop()  # the tick in flight is recorded first, so the next owner numbers on from it
+        self._send(reconnect_message("drain", "this Vigil replica is shutting down: connect again to resume"))
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.channel is not None and self.channel.bufferedAmount > 0:
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(min(0.2, grace_s))  # the SCTP send is asynchronous even once the buffer is empty
+        await self.close()
 
     def _send(self, text: str) -> None:
         channel = self.channel

@@ -7,21 +7,34 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from actors.common.config import VigilConfig
 from actors.common.decisions import format_decision
-from actors.common.messages import Decision, MemoryContext, Sample, SampleVerdict, TickOutcome, TickRequest, Turn
+from actors.common.messages import (
+    Decision,
+    MemoryContext,
+    Sample,
+    SampleVerdict,
+    SessionRecord,
+    TickOutcome,
+    TickRequest,
+    Turn,
+    from_dict,
+    to_dict,
+)
 from actors.common.metrics import VigilMetrics
 from actors.common.replicas import Overloaded, ReplicaFailed
-from actors.common.session_store import SessionStore
-from actors.ingest.channel import instructions_message, settings_message, tick_message
+from actors.common.session_store import SessionClock, SessionStore
+from actors.ingest.channel import error_message, instructions_message, settings_message, tick_message
 from actors.ingest.frames import ArrivedFrame, LatestFrameBuffer
 from actors.ingest.prompt_window import PromptWindow
+from actors.ingest.untried import FAILURES_TO_TAKE_BACK, Untried
 from actors.memory.link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
 
 log = logging.getLogger(__name__)
@@ -57,6 +70,10 @@ def keyframe_samples(keyframes: tuple[tuple[float, bytes], ...]) -> tuple[Sample
     return tuple(samples)
 
 
+def _excerpt(text: str, chars: int = 40) -> str:
+    return repr(text if len(text) <= chars else text[: chars - 1] + "…")
+
+
 def frame_to_rgb(frame: object) -> np.ndarray:
     """An av.VideoFrame (or an HxWx3 array, for tests) as an RGB uint8 array."""
     if isinstance(frame, np.ndarray):
@@ -80,6 +97,8 @@ class SessionLoop:
         send: SendFn,
         instructions: tuple[str, ...] = (),
         speak_threshold: float = 0.5,
+        owner: str = "",
+        resumed: SessionClock | None = None,
     ) -> None:
         self.session_id = session_id
         self.config = config
@@ -88,12 +107,19 @@ class SessionLoop:
         self.send = send
         self.instructions: tuple[str, ...] = instructions
         self.speak_threshold = speak_threshold
-        self.tick = 0
+        # This peer's claim on the session: its outcomes are recorded only while it holds the session.
+        self.owner = owner
+        self.lost = False  # another peer (on this replica or another) took the session over
+        # A resumed session goes on where its ticks stopped: numbering, stream time, and one outcome for the gap.
+        self.resumed = resumed
+        self.missed_s = 0.0 if resumed is None else max(0.0, time.time() - resumed.wall_time)
+        self.tick = 0 if resumed is None else resumed.tick
         self.last_activity = time.monotonic()
         self.prompt = PromptWindow(session_id, config.resolved_prompt_layout, config.short_term_frames,
                                    config.dialog_turns, config.prompt_segment_frames)
         self._signature: bytes | None = None
         self._question_pending = False
+        self._untried = Untried()  # what the engine has not decided on yet: taken back if it keeps failing
         self._delegated: str | None = None
         self._keyframe_at = float("-inf")
         self._scheduler: asyncio.Task[None] | None = None
@@ -112,6 +138,9 @@ class SessionLoop:
 
     def start(self) -> None:
         if self._scheduler is None:
+            if self.resumed is not None:
+                self.tick += 1
+                self._record_now(self._missed(self.tick))
             self._scheduler = asyncio.create_task(self._schedule(), name=f"ticks-{self.session_id}")
         if self.memory is not None:
             self.memory.start()
@@ -137,6 +166,7 @@ class SessionLoop:
         self.last_activity = time.monotonic()
 
     def set_instructions(self, instructions: tuple[str, ...]) -> None:
+        self._untried.change_instructions(self.instructions, instructions)
         self.instructions = instructions
         self.send(instructions_message(instructions))
 
@@ -147,7 +177,9 @@ class SessionLoop:
 
     def add_question(self, text: str) -> None:
         now = self.frames.stream_time(time.monotonic())
-        self.prompt.add_turn(Turn(role="user", text=text, stream_time=now))
+        turn = Turn(role="user", text=text, stream_time=now)
+        self.prompt.add_turn(turn)
+        self._untried.add_turn(turn)
         self._question_pending = True
         self._remember("user", text, now)
 
@@ -203,6 +235,14 @@ class SessionLoop:
             outcome=f"skipped:{reason}", wall_time=time.time(),
         )
 
+    def _missed(self, tick: int) -> TickOutcome:
+        """The one outcome of the time between where a resumed session's ticks stopped and where they go on."""
+        return TickOutcome(
+            session_id=self.session_id, tick=tick, stream_time=self.frames.stream_time(time.monotonic()),
+            outcome="skipped:reconnect", text=f"{self.missed_s:.0f} s of video missed", wall_time=time.time(),
+            missed_s=self.missed_s,
+        )
+
     async def _run_tick(self, tick: int) -> None:
         arrived = self.frames.take()
         deadline = time.time() + self.config.decide_timeout_s
@@ -245,7 +285,8 @@ class SessionLoop:
                 self._remember("keyframe", "a new scene", stream_time, image)
         sampled = time.monotonic()
         stages = {"wait": (started - arrived.arrival) * 1000, "sample": (sampled - started) * 1000}
-        inbox_items = await self.services.store.pop_inbox(self.session_id)
+        inbox_items, changes = await self.services.store.pop_pending(self.session_id)
+        self._apply(changes)
         inbox = tuple(str(item.get("text", "")) for item in inbox_items)
         for text in inbox:
             self._remember("background", text, stream_time)
@@ -269,7 +310,15 @@ class SessionLoop:
             lookback=lookback, speak_threshold=self.speak_threshold, deadline=deadline,
         )
         deciding = time.monotonic()
-        decision = await self.services.decide(request)
+        try:
+            decision = await self.services.decide(request)
+        except (TimeoutError, ReplicaFailed, Overloaded):
+            raise  # trouble with the replicas, not with this prompt
+        except Exception:
+            if self._untried.failed(request):
+                self._take_back(request)
+            raise
+        self._untried.decided(request)
         stages["decide"] = (time.monotonic() - deciding) * 1000
         self._question_pending = False
         if decision.kind != "silent":
@@ -286,35 +335,93 @@ class SessionLoop:
             prompt_tokens=decision.prompt_tokens, cached_tokens=decision.cached_tokens,
         )
 
+    def _take_back(self, request: TickRequest) -> None:
+        """The engine failed tick after tick on prompts that held what the session added since its last decided
+        tick: take that back (actors/ingest/untried.py) and tell the client, so that the next ticks decide."""
+        turns, instructions = self._untried.take_back(request)
+        if turns:
+            for turn in turns:
+                self.prompt.drop_turn(turn)
+            self._question_pending = False
+            log.warning("session %s: the engine failed %d ticks in a row on its newest message; dropped %d",
+                        self.session_id, FAILURES_TO_TAKE_BACK, len(turns))
+            what = f"your message {_excerpt(turns[-1].text)}" if len(turns) == 1 else f"your last {len(turns)} messages"
+            self.send(error_message("message_dropped", f"the model could not take {what}; it was left out of "
+                                    "the session: send it again in other words"))
+        elif instructions is not None:
+            dropped = [text for text in self.instructions if text not in instructions]
+            log.warning("session %s: the engine failed %d ticks in a row on its new instructions; back to the "
+                        "%d before", self.session_id, FAILURES_TO_TAKE_BACK, len(instructions))
+            self.instructions = instructions
+            self.send(instructions_message(instructions))
+            self.send(error_message("instruction_dropped", "the model could not take the instruction "
+                                    f"{', '.join(_excerpt(text) for text in dropped)}; it was withdrawn"))
+            self._own_write(self._save_instructions(instructions))
+
+    async def _save_instructions(self, instructions: tuple[str, ...]) -> None:
+        """Keep instructions taken back out of the session's record too, so that a resumed session has them."""
+        try:
+            record = await self.services.store.get(self.session_id)
+            await self.services.store.update(from_dict(SessionRecord, to_dict(record) | {"instructions": instructions}))
+        except Exception as exc:
+            log.warning("session %s: instructions taken back but not saved: %r", self.session_id, exc)
+
+    def _apply(self, changes: list[dict[str, Any]]) -> None:
+        """Settings changed through another replica while this one runs the session."""
+        for change in changes:
+            threshold = change.get("speak_threshold")
+            if isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0:
+                self.set_speak_threshold(float(threshold))
+
     # -- recording -----------------------------------------------------------------------------------------
 
-    def _emit(self, outcome: TickOutcome, arrival: float) -> TickOutcome:
-        """Send and count an outcome; returns it with its final stage timings."""
-        stages = dict(outcome.stages_ms)
+    def _finish(self, outcome: TickOutcome, arrival: float) -> TickOutcome:
+        """The outcome with its total time, from the frame's arrival to now."""
+        return dataclasses.replace(outcome, stages_ms=dict(outcome.stages_ms) | {
+            "total": (time.monotonic() - arrival) * 1000})
+
+    def _send_and_count(self, final: TickOutcome) -> None:
+        """Tell the client and the metrics: only once the outcome is this peer's to record."""
+        stages = dict(final.stages_ms)
         sending = time.monotonic()
-        stages["total"] = (sending - arrival) * 1000
-        final = dataclasses.replace(outcome, stages_ms=stages)
         try:
             self.send(tick_message(final, stages["total"]))
         except Exception:  # a closing channel must not lose the recorded outcome
-            log.debug("session %s: could not send tick %d", self.session_id, outcome.tick, exc_info=True)
+            log.debug("session %s: could not send tick %d", self.session_id, final.tick, exc_info=True)
         stages["send"] = (time.monotonic() - sending) * 1000
         self.services.metrics.ticks_total.labels(outcome=final.outcome).inc()
         if not final.skipped:
             self.services.metrics.observe_stages(stages)
             self.services.metrics.observe_prompt(final.prompt_tokens, final.cached_tokens)
-        return final
 
     async def _record(self, outcome: TickOutcome, arrival: float) -> None:
-        final = self._emit(outcome, arrival)
-        try:
-            await self.services.store.append_outcome(final)
-        except Exception:
-            log.exception("session %s: tick %d not logged to Redis", self.session_id, final.tick)
+        await self._log(self._finish(outcome, arrival))
 
     def _record_now(self, outcome: TickOutcome) -> None:
         """Record without awaiting (from the scheduler or a cancelled tick); the Redis write is owned here."""
-        final = self._emit(outcome, time.monotonic())
-        task = asyncio.get_running_loop().create_task(self.services.store.append_outcome(final))
+        self._own_write(self._log(self._finish(outcome, time.monotonic())))
+
+    def _own_write(self, write: Coroutine[Any, Any, None]) -> None:
+        """Run a Redis write in the background; `stop` waits for it."""
+        task = asyncio.get_running_loop().create_task(write)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+
+    async def _log(self, outcome: TickOutcome) -> None:
+        """Append the outcome to the session's event log while this peer still holds the session, then send it:
+        a tick that another replica's peer now numbers is never shown twice."""
+        if self.lost:
+            return
+        try:
+            recorded = await self.services.store.record_outcome(outcome, self.owner)
+        except Exception:
+            # Redis is out of reach: the client still hears the decision; the log misses it.
+            log.exception("session %s: tick %d not logged to Redis", self.session_id, outcome.tick)
+            recorded = True
+        if recorded:
+            self._send_and_count(outcome)
+            return
+        # Taken over (a reconnect elsewhere) or ended through another replica: this peer stops at once.
+        log.info("session %s: held elsewhere now; tick %d not logged, closing here", self.session_id, outcome.tick)
+        self.lost = True
+        self.closed.set()

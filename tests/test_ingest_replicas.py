@@ -1,0 +1,211 @@
+"""Two ingest replicas in the real Serve graph: sessions spread over both, each session's HTTP calls reach the
+replica that holds its peer (Serve routes by the x-session-id header), and when one replica is killed mid-stream
+its sessions resume on the other with tick numbers and stream time going on, memory intact, and no tick number
+logged twice, while the other replica's sessions tick on undisturbed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from itertools import pairwise
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from actors.ingest.ice import restrict_host_addresses
+from bench.webrtc_client import SyntheticVideoTrack, VigilClient
+from tests.fixtures_vigil import RunningVigil, launch_vigil
+
+pytestmark = pytest.mark.integration
+
+NOTE = "the spare key is under the blue flowerpot"
+
+
+@pytest.fixture(scope="module")
+def vigil_two_ingest(tmp_path_factory: pytest.TempPathFactory, tiny_random_model_dir: Path) -> Iterator[RunningVigil]:
+    yield from launch_vigil(tmp_path_factory.mktemp("vigil-two-ingest"), tiny_random_model_dir,
+                            VIGIL_INGEST_REPLICAS="2")
+
+
+def _scene(elapsed: float) -> np.ndarray:
+    image = np.full((240, 320, 3), 80, np.uint8)
+    image[:, int(elapsed * 30) % 320] = 240
+    return image
+
+
+async def _replica_of(http: httpx.AsyncClient, session: dict) -> str:
+    reply = await http.get(f"/v1/sessions/{session['session_id']}/events", headers={
+        "Authorization": f"Bearer {session['token']}", "x-session-id": session["session_id"]})
+    reply.raise_for_status()
+    return reply.headers["x-vigil-replica"]
+
+
+async def _sessions_on_both(vigil: RunningVigil, count: int, stop_when_both: bool = False) -> dict[str, list[dict]]:
+    """Up to `count` new sessions (not connected), grouped by the replica their calls reach; `stop_when_both`:
+    only until each replica has one."""
+    by_replica: dict[str, list[dict]] = {}
+    async with httpx.AsyncClient(base_url=vigil.url, timeout=15) as http:
+        for _ in range(count):
+            if stop_when_both and len(by_replica) == 2:
+                break
+            reply = await http.post("/v1/sessions", json={"instructions": ["say when something red shows"]})
+            reply.raise_for_status()
+            session = reply.json()
+            by_replica.setdefault(await _replica_of(http, session), []).append(session)
+    return by_replica
+
+
+async def test_sessions_spread_and_each_call_reaches_its_replica(vigil_two_ingest: RunningVigil) -> None:
+    restrict_host_addresses(["127.0.0.1"])
+    by_replica = await _sessions_on_both(vigil_two_ingest, 12)
+    assert len(by_replica) == 2, f"12 sessions all on one ingest replica: {list(by_replica)}"
+    assert len(vigil_two_ingest.replica_pids("Ingest")) == 2
+    async with httpx.AsyncClient(base_url=vigil_two_ingest.url, timeout=15) as http:
+        for replica, sessions in by_replica.items():
+            for session in sessions:
+                assert {await _replica_of(http, session) for _ in range(3)} == {replica}
+    clients = []
+    try:
+        for replica, sessions in by_replica.items():
+            client = VigilClient(vigil_two_ingest.url)
+            client.session = sessions[0]
+            await client.connect(SyntheticVideoTrack(_scene, fps=5))
+            clients.append(client)
+            assert client.replica == replica, "the offer reached the replica the session's calls reach"
+            await asyncio.wait_for(client.ticks.get(), 15)
+            settings = await client.http.patch(f"/v1/sessions/{client.session_id}", json={"speak_threshold": 0.7},
+                                               headers=client.auth())
+            assert settings.headers["x-vigil-replica"] == replica
+            memory = await client.http.get(f"/v1/sessions/{client.session_id}/memory", params={"q": "red"},
+                                           headers=client.auth())
+            assert memory.headers["x-vigil-replica"] == replica
+    finally:
+        for client in clients:
+            await client.close()
+        await _end_unused(vigil_two_ingest, by_replica)
+
+
+async def _end_unused(vigil: RunningVigil, by_replica: dict[str, list[dict]]) -> None:
+    """End the sessions no client connected (the first of each replica's), so they leave the address quota."""
+    async with httpx.AsyncClient(base_url=vigil.url, timeout=15) as http:
+        for sessions in by_replica.values():
+            for session in sessions[1:]:
+                await http.delete(f"/v1/sessions/{session['session_id']}", headers={
+                    "Authorization": f"Bearer {session['token']}", "x-session-id": session["session_id"]})
+
+
+async def _reconnect_until_it_ticks(client: VigilClient, timeout: float) -> None:
+    """What a client does when its ticks stop: connect again, with the same session, until it is answered."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.reconnect(SyntheticVideoTrack(_scene, fps=5))
+            return
+        except (httpx.HTTPError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def _recalled(client: VigilClient, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if any("flowerpot" in line for line in await client.recall("where is the spare key?")):
+                return True
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.5)
+    return False
+
+
+async def test_killing_an_ingest_replica_resumes_its_sessions_on_the_other(vigil_two_ingest: RunningVigil) -> None:
+    restrict_host_addresses(["127.0.0.1"])
+    by_replica = await _sessions_on_both(vigil_two_ingest, 12, stop_when_both=True)
+    assert len(by_replica) == 2
+    await _end_unused(vigil_two_ingest, by_replica)
+    (doomed_replica, doomed_sessions), (_, kept_sessions) = by_replica.items()
+    doomed, kept = VigilClient(vigil_two_ingest.url), VigilClient(vigil_two_ingest.url)
+    doomed.session, kept.session = doomed_sessions[0], kept_sessions[0]
+    try:
+        for client in (doomed, kept):
+            await client.connect(SyntheticVideoTrack(_scene, fps=5))
+        doomed.send({"type": "question", "text": NOTE})
+        assert await _recalled(doomed, 15), "memory took the note before the replica was killed"
+        before = [await asyncio.wait_for(doomed.ticks.get(), 15) for _ in range(3)]
+        kept_ticks: list[float] = []
+
+        async def watch_kept() -> None:
+            while True:
+                await kept.ticks.get()
+                kept_ticks.append(time.monotonic())
+
+        watcher = asyncio.create_task(watch_kept())
+        os.kill(int(doomed_replica.rpartition("@")[2]), signal.SIGKILL)
+        killed_at = time.monotonic()
+        # The client notices that its ticks stopped, and connects again.
+        while True:
+            try:
+                before.append(await asyncio.wait_for(doomed.ticks.get(), 2.5))
+            except TimeoutError:
+                break
+        await _reconnect_until_it_ticks(doomed, timeout=60)
+        after = []
+        while len(after) < 3:
+            tick = await asyncio.wait_for(doomed.ticks.get(), 15)
+            if tick["outcome"] != "skipped:reconnect":
+                after.append(tick)
+        back_after = time.monotonic() - killed_at
+        watcher.cancel()
+        print(f"ingest replica killed: its session ticking again on {doomed.replica} after {back_after:.1f} s")
+        assert doomed.replica != doomed_replica
+        assert back_after < 30
+        gaps = [later - earlier for earlier, later in pairwise([killed_at, *kept_ticks])]
+        assert kept_ticks and max(gaps) < 2.5, f"the other replica's session stalled: {gaps}"
+        hello = [m for m in doomed.messages if m["type"] == "hello"][-1]
+        assert hello["resumed"]["missed_s"] > 0
+        events = await doomed.events()
+        ticks = [event["tick"] for event in events]
+        assert len(ticks) == len(set(ticks)), f"a tick number logged twice: {sorted(ticks)}"
+        assert sorted(ticks) == list(range(1, max(ticks) + 1))
+        gap = [event for event in events if event["outcome"] == "skipped:reconnect"]
+        assert len(gap) == 1 and gap[0]["tick"] > max(tick["tick"] for tick in before)
+        assert min(tick["stream_time"] for tick in after) > max(tick["stream_time"] for tick in before)
+        assert await _recalled(doomed, 15), "memory kept the note across the resume"
+    finally:
+        for client in (doomed, kept):
+            await client.close()
+
+
+async def test_stopping_vigil_drains_every_session_first(vigil_two_ingest: RunningVigil) -> None:
+    """Serve's graceful shutdown of the ingest replicas (as on scale-down or redeploy) tells each client to
+    connect again before its peer closes. Last in this module: it stops the module's Vigil."""
+    restrict_host_addresses(["127.0.0.1"])
+    by_replica = await _sessions_on_both(vigil_two_ingest, 12, stop_when_both=True)
+    await _end_unused(vigil_two_ingest, by_replica)
+    clients = []
+    try:
+        for sessions in by_replica.values():
+            client = VigilClient(vigil_two_ingest.url)
+            client.session = sessions[0]
+            await client.connect(SyntheticVideoTrack(_scene, fps=5))
+            await asyncio.wait_for(client.ticks.get(), 15)
+            clients.append(client)
+        vigil_two_ingest.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while not all(any(m["type"] == "reconnect" for m in client.messages) for client in clients):
+            assert time.monotonic() < deadline, [[m["type"] for m in c.messages[-3:]] for c in clients]
+            await asyncio.sleep(0.1)
+        for client in clients:
+            told = next(m for m in client.messages if m["type"] == "reconnect")
+            assert told["reason"] == "drain"
+            last_tick = max(m["received_at"] for m in client.messages if m["type"] == "tick")
+            assert told["received_at"] >= last_tick, "told after its last tick, so the next owner numbers on"
+    finally:
+        for client in clients:
+            await client.close(end_session=False)
