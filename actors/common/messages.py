@@ -19,6 +19,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "replica_failed",
     "timeout",
     "closed",
+    "overload",
+    "reconnect",
 )
 
 
@@ -28,13 +30,24 @@ class MessageTooLarge(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One model-ready frame: RGB pixels resized to the model's budget, with its stream time."""
+    """One model-ready frame: RGB pixels resized to the model's budget, with its stream time.
+
+    `ref`: the same pixels in Ray's object store (an ObjectRef, from the ingest's one `ray.put` of the frame),
+    when they are there; a call to another process then carries the ref, not the pixels (`without_pixels`).
+    """
 
     stream_time: float
     width: int
     height: int
     rgb: bytes
     change_score: float = 1.0
+    ref: Any = field(default=None, compare=False, repr=False)
+
+    def without_pixels(self) -> Sample:
+        return dataclasses.replace(self, rgb=b"", ref=None)
+
+    def with_pixels(self, rgb: bytes) -> Sample:
+        return dataclasses.replace(self, rgb=rgb, ref=None)
 
 
 @dataclass(frozen=True, slots=True)

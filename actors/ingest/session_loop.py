@@ -16,6 +16,7 @@ from PIL import Image
 
 from actors.common.config import VigilConfig
 from actors.common.decisions import format_decision
+from actors.common.frame_size import fit_within
 from actors.common.messages import (
     Decision,
     MemoryContext,
@@ -74,11 +75,22 @@ def _excerpt(text: str, chars: int = 40) -> str:
     return repr(text if len(text) <= chars else text[: chars - 1] + "…")
 
 
-def frame_to_rgb(frame: object) -> np.ndarray:
-    """An av.VideoFrame (or an HxWx3 array, for tests) as an RGB uint8 array."""
+def frame_to_rgb(frame: object, longest_side: int, max_pixels: int) -> np.ndarray:
+    """An av.VideoFrame (or an HxWx3 array, for tests) as an RGB uint8 array at the model's size: for a decoded
+    frame, one conversion straight from its YUV (swscale), the only copy of its pixels the tick makes.
+
+    Raises ValueError for a frame over `max_pixels` (before anything is done with it)."""
+    height, width = (frame.shape[0], frame.shape[1]) if isinstance(frame, np.ndarray) else (
+        frame.height, frame.width)  # type: ignore[attr-defined]
+    if width * height > max_pixels:
+        raise ValueError(f"frame of {width}x{height} is over the {max_pixels}-pixel limit")
+    size = fit_within(width, height, longest_side)
     if isinstance(frame, np.ndarray):
-        return frame
-    return frame.to_ndarray(format="rgb24")  # type: ignore[attr-defined]
+        if size == (width, height):
+            return frame
+        return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BILINEAR))
+    return frame.to_ndarray(  # type: ignore[attr-defined, no-any-return]
+        width=size[0], height=size[1], format="rgb24", interpolation="BILINEAR")
 
 
 class SessionLoop:
@@ -271,7 +283,8 @@ class SessionLoop:
     async def _decide_tick(self, tick: int, arrived: ArrivedFrame, deadline: float) -> TickOutcome:
         started = time.monotonic()
         stream_time = self.frames.stream_time(arrived.arrival)
-        rgb = await asyncio.to_thread(frame_to_rgb, arrived.frame)
+        rgb = await asyncio.to_thread(frame_to_rgb, arrived.frame, self.config.image_size,
+                                      self.config.limits.max_frame_pixels)
         verdict = await self.services.sample(rgb, stream_time, self._signature, True)
         self._signature = verdict.signature
         if verdict.sample is not None:

@@ -3,6 +3,9 @@
 A session's ticks go to the replica its id hashes to (so its prompt prefix stays in that engine's cache), spread
 evenly over replicas. A tick whose replica dies is retried once on the replica that takes the session over, if
 its deadline leaves time; a tick that cannot start before its deadline is refused as `Overloaded`.
+
+A tick's frames travel as the ObjectRefs the ingest put them in the object store with (each frame once, though
+it is in the prompt of several ticks); the replica reads them from there, so no call carries pixels.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import cast
+from typing import Any, cast
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -47,8 +50,13 @@ class Interaction:
         # Which replica decided a tick, for the event log: its Serve id and process (to find it on its node).
         self.replica = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"
 
-    async def decide(self, request: TickRequest) -> Decision:
-        """Decide one tick, batched with the ticks of other sessions that arrive in the same moment."""
+    async def decide(self, request: TickRequest, frame_refs: list[Any] | None = None) -> Decision:
+        """Decide one tick, batched with the ticks of other sessions that arrive in the same moment.
+
+        `frame_refs`: one entry per sample of `request.samples`, the ref of its pixels (None: the sample carries
+        them), as `RemoteEngine` sends it."""
+        if frame_refs:
+            request = await _with_pixels(request, frame_refs)
         if _past_deadline(request, time.time()):
             raise Overloaded(f"tick {request.tick} of {request.session_id} reached its deadline while queued")
         if self.engine.batches_itself:
@@ -77,6 +85,25 @@ class Interaction:
         await self.engine.check_health()
 
 
+async def _with_pixels(request: TickRequest, frame_refs: list[Any]) -> TickRequest:
+    """The request with each sample's pixels read back from the object store (zero-copy, then one copy)."""
+    held = [(index, ref) for index, ref in enumerate(frame_refs) if ref is not None]
+    arrays = await asyncio.gather(*(ref for _, ref in held))
+    samples = list(request.samples)
+    for (index, _), array in zip(held, arrays, strict=True):
+        samples[index] = samples[index].with_pixels(array.tobytes())
+    return dataclasses.replace(request, samples=tuple(samples))
+
+
+def _as_refs(request: TickRequest) -> tuple[TickRequest, list[Any]]:
+    """The request without the pixels that are in the object store already, and their refs."""
+    refs = [sample.ref for sample in request.samples]
+    if not any(ref is not None for ref in refs):
+        return request, []
+    samples = tuple(sample if sample.ref is None else sample.without_pixels() for sample in request.samples)
+    return dataclasses.replace(request, samples=samples), refs
+
+
 class RemoteEngine:
     """The interaction deployment seen from the ingest: decide (routed by session, retried once across a lost
     replica, bounded by the tick's deadline), info and health through a handle."""
@@ -95,7 +122,9 @@ class RemoteEngine:
             return await self._decide_once(request)
 
     async def _decide_once(self, request: TickRequest) -> Decision:
-        response = cast(DeploymentResponse, self.handle.options(session_id=request.session_id).decide.remote(request))
+        light, refs = _as_refs(request)
+        call = self.handle.options(session_id=request.session_id).decide
+        response = cast(DeploymentResponse, call.remote(light, refs) if refs else call.remote(light))
         remaining = max(0.0, request.deadline - time.time()) if request.deadline else None
         try:
             # Resolves once a replica has taken the call: the wait for a replica is bounded on its own.

@@ -1,12 +1,15 @@
 """The sampler on Ray Serve, and its handle-side client for the ingest.
 
-Frames travel as ObjectRefs: the ingest puts each frame into the object store once, and the sampler reads it
-from there, so a frame is never pickled into the call itself.
+Frames travel as ObjectRefs: the ingest converts each frame once, straight from the decoder's YUV to RGB at the
+model's size, puts it into the object store once, and the sampler reads it from there, so a frame is never
+pickled into the call itself. The sampler answers with its verdict alone; the ingest, which holds the pixels,
+makes the sample.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import ray
@@ -14,7 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from actors.common.config import VigilConfig
-from actors.common.messages import SampleVerdict
+from actors.common.messages import Sample, SampleVerdict
 from actors.sampler.frame_sampler import FrameSampler
 
 
@@ -25,11 +28,10 @@ class Sampler:
     def __init__(self, config: VigilConfig) -> None:
         self.sampler = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
 
-    async def sample(
-        self, frame_refs: list[ray.ObjectRef], stream_time: float, previous: bytes | None, due: bool
-    ) -> SampleVerdict:
+    async def judge(self, frame_refs: list[ray.ObjectRef], previous: bytes | None, due: bool) -> SampleVerdict:
+        """Keep or drop the frame behind the ref (at the model's size already), without its pixels."""
         rgb = await frame_refs[0]
-        return await asyncio.to_thread(self.sampler.sample, rgb, stream_time, previous, due)
+        return await asyncio.to_thread(self.sampler.judge, rgb, previous, due)
 
 
 class RemoteSampler:
@@ -39,5 +41,11 @@ class RemoteSampler:
         self.handle = handle
 
     async def sample(self, rgb: np.ndarray, stream_time: float, previous: bytes | None, due: bool) -> SampleVerdict:
+        """`rgb`: the frame at the model's size (the ingest's `frame_to_rgb`)."""
         ref = await asyncio.to_thread(ray.put, rgb)
-        return await self.handle.sample.remote([ref], stream_time, previous, due)
+        verdict: SampleVerdict = await self.handle.judge.remote([ref], previous, due)
+        if not verdict.keep:
+            return verdict
+        sample = Sample(stream_time=stream_time, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes(),
+                        change_score=verdict.change_score, ref=ref)
+        return dataclasses.replace(verdict, sample=sample)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from actors.common.frame_size import fit_within
 from actors.common.messages import Sample, SampleVerdict
 
 SIGNATURE_SIDE = 16
@@ -13,10 +14,9 @@ SIGNATURE_SIDE = 16
 def resize_to_budget(rgb: np.ndarray, longest_side: int) -> np.ndarray:
     """Scale an HxWx3 uint8 image down so that its longest side is at most `longest_side` (never up)."""
     height, width = rgb.shape[:2]
-    scale = longest_side / max(height, width)
-    if scale >= 1.0:
+    size = fit_within(width, height, longest_side)
+    if size == (width, height):
         return rgb
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
 
 
@@ -48,6 +48,19 @@ class FrameSampler:
     def sample(
         self, rgb: np.ndarray, stream_time: float, previous_signature: bytes | None, due: bool = True
     ) -> SampleVerdict:
+        """Judge the frame, and for a kept one, the sample (resized to the budget)."""
+        verdict = self.judge(rgb, previous_signature, due)
+        if not verdict.keep:
+            return verdict
+        small = np.ascontiguousarray(resize_to_budget(rgb, self.longest_side))
+        sample = Sample(stream_time=stream_time, width=small.shape[1], height=small.shape[0], rgb=small.tobytes(),
+                        change_score=verdict.change_score)
+        return SampleVerdict(keep=True, change_score=verdict.change_score, signature=verdict.signature,
+                             sample=sample)
+
+    def judge(self, rgb: np.ndarray, previous_signature: bytes | None, due: bool = True) -> SampleVerdict:
+        """Keep or drop, the change score and the signature, without the pixels: for a caller that holds the frame
+        already at the model's size (the ingest), which makes the sample itself."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 frame, got {rgb.dtype} {rgb.shape}")
         if rgb.shape[0] * rgb.shape[1] > self.max_pixels:
@@ -58,14 +71,4 @@ class FrameSampler:
             previous = np.frombuffer(previous_signature, dtype=np.float32).reshape(SIGNATURE_SIDE, SIGNATURE_SIDE)
         score = change_score(current, previous)
         keep = due or score >= self.change_threshold
-        sample = None
-        if keep:
-            small = np.ascontiguousarray(resize_to_budget(rgb, self.longest_side))
-            sample = Sample(
-                stream_time=stream_time,
-                width=small.shape[1],
-                height=small.shape[0],
-                rgb=small.tobytes(),
-                change_score=score,
-            )
-        return SampleVerdict(keep=keep, change_score=score, signature=current.tobytes(), sample=sample)
+        return SampleVerdict(keep=keep, change_score=score, signature=current.tobytes())

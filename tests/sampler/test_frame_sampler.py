@@ -30,3 +30,14 @@ def test_sampler_refuses_bad_frames() -> None:
     with pytest.raises(ValueError, match="HxWx3"):
         sampler.sample(np.zeros((5, 5), np.uint8), 0.0, None)
 
+
+
+def test_judging_a_frame_sends_no_pixels_back_and_agrees_with_sampling() -> None:
+    sampler = FrameSampler(longest_side=64, change_threshold=0.1, max_pixels=10**6)
+    frame = np.zeros((48, 64, 3), np.uint8)
+    frame[10:30, 10:30] = 200
+    judged = sampler.judge(frame, None, due=True)
+    sampled = sampler.sample(frame, 1.0, None)
+    assert judged.sample is None and judged.keep
+    assert (judged.change_score, judged.signature) == (sampled.change_score, sampled.signature)
+    assert not sampler.judge(frame, judged.signature, due=False).keep
