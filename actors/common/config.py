@@ -64,6 +64,10 @@ class VigilConfig(BaseModel):
     dialog_turns: int = 6
     silent_without_instruction: bool = True
     change_threshold: float = 0.08
+    sampler: Literal["deployment", "inline"] = Field(
+        default="deployment", description="inline: the ingest judges its frames itself (a 16x16 signature of the "
+        "frame it already holds at the model's size) instead of calling the sampler deployment",
+    )
     session_ttl_s: int = 13 * 3600
     unconnected_session_ttl_s: int = Field(
         default=120, ge=1, description="a created session whose offer is not accepted this soon expires; an accepted "

@@ -27,7 +27,7 @@ from actors.ingest.ice import restrict_host_addresses
 from actors.ingest.session_loop import TickServices
 from actors.interaction.deployment import RemoteEngine
 from actors.memory.deployment import RemoteMemory
-from actors.sampler.deployment import RemoteSampler
+from actors.sampler.deployment import InlineSampler, RemoteSampler
 
 DRAIN_GRACE_S = 1.0  # how long a draining replica gives its clients to read "reconnect" before closing
 
@@ -49,8 +49,9 @@ class Ingest:
         engine = RemoteEngine(interaction)
         store = SessionStore.from_url(config.redis_url or "", config.session_ttl_s, config.event_log_max)
 
+        frames = InlineSampler(config) if config.sampler == "inline" else RemoteSampler(sampler)
         services = TickServices(
-            sample=RemoteSampler(sampler).sample, decide=engine.decide, store=store, metrics=VigilMetrics(),
+            sample=frames.sample, decide=engine.decide, store=store, metrics=VigilMetrics(),
             memory=RemoteMemory(memory) if memory is not None else None,
         )
         replica = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"

@@ -49,3 +49,24 @@ class RemoteSampler:
         sample = Sample(stream_time=stream_time, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes(),
                         change_score=verdict.change_score, ref=ref)
         return dataclasses.replace(verdict, sample=sample)
+
+
+class InlineSampler:
+    """The sampler's judgement made in the caller's process (`sampler: inline`): for a frame already at the
+    model's size it is a 16x16 signature, far cheaper than a call to another process."""
+
+    def __init__(self, config: VigilConfig) -> None:
+        self.sampler = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
+
+    async def sample(self, rgb: np.ndarray, stream_time: float, previous: bytes | None, due: bool) -> SampleVerdict:
+        return await asyncio.to_thread(self._sample, rgb, stream_time, previous, due)
+
+    def _sample(self, rgb: np.ndarray, stream_time: float, previous: bytes | None, due: bool) -> SampleVerdict:
+        verdict = self.sampler.judge(rgb, previous, due)
+        if not verdict.keep:
+            return verdict
+        # A kept frame goes into the object store once: the interaction calls of its ticks carry the ref.
+        sample = Sample(stream_time=stream_time, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes(),
+                        change_score=verdict.change_score, ref=ray.put(rgb))
+        return dataclasses.replace(verdict, sample=sample)
+
