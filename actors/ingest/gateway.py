@@ -7,6 +7,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,12 @@ class Gateway:
 
     async def _admit(self, session_id: str, address: str, api_key: str | None, ttl_s: int) -> None:
         key = None if api_key is None else key_id(api_key)
+        await self._counted(self.quotas.admit(session_id, address, key, time.time() + ttl_s), ttl_s)
+
+    async def _counted(self, admission: Awaitable[None], ttl_s: int) -> None:
+        """Await a quota admission; a full quota is the 429 that says which, its limit, and when to retry."""
         try:
-            await self.quotas.admit(session_id, address, key, time.time() + ttl_s)
+            await admission
         except QuotaExceeded as exc:
             self.services.metrics.quota_refusals_total.labels(quota=exc.quota).inc()
             holder, setting = {"key": ("this API key", "max_sessions_per_key"),
@@ -190,6 +195,10 @@ class Gateway:
             await replaced.close()
         if len(self.peers) >= limits.max_sessions:
             raise ApiError(503, "too_many_sessions", "this replica is full")
+        # A session whose peer closed left its quotas: connecting again counts it again, if there is room.
+        unconnected_ttl_s = self.config.unconnected_session_ttl_s
+        await self._counted(self.quotas.readmit(record.session_id, time.time() + unconnected_ttl_s),
+                            unconnected_ttl_s)
         # From here on only this peer's ticks are recorded: a peer elsewhere that still runs stops at its next.
         owner = f"{self.replica}/{uuid.uuid4().hex[:12]}"
         resumed = await self.store.claim(record.session_id, owner)

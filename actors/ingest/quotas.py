@@ -20,13 +20,14 @@ QUOTA_PREFIX = "vigil:quota:"
 
 # KEYS[1]: the set of quotas the session is in; KEYS[2..]: the quotas it joins. ARGV[1]: the session id;
 # ARGV[2]: now; ARGV[3]: when it leaves (epoch seconds); ARGV[2 + i]: the limit of KEYS[i].
-# Prunes every quota of the sessions that have left it. If one is full, writes nothing and returns
-# {its position among KEYS[2..], the soonest time a session leaves it}; else the session joins them all: {}.
+# Prunes every quota of the sessions that have left it. If one is full (and does not hold the session already),
+# writes nothing and returns {its position among KEYS[2..], the soonest time a session leaves it}; else the
+# session joins them all: {}.
 _ADMIT = """
 local now = tonumber(ARGV[2])
 for i = 2, #KEYS do
   redis.call('zremrangebyscore', KEYS[i], '-inf', now)
-  if redis.call('zcard', KEYS[i]) >= tonumber(ARGV[i + 2]) then
+  if not redis.call('zscore', KEYS[i], ARGV[1]) and redis.call('zcard', KEYS[i]) >= tonumber(ARGV[i + 2]) then
     local soonest = redis.call('zrange', KEYS[i], 0, 0, 'WITHSCORES')
     return {i - 1, soonest[2]}
   end
@@ -121,6 +122,25 @@ class SessionQuotas:
         if full:
             quota = holders[int(full[0]) - 1][0]
             raise QuotaExceeded(quota, self._limits[quota], max(1, math.ceil(float(full[1]) - now)))
+
+    async def readmit(self, session_id: str, expires_at: float) -> None:
+        """Count a session that connects again (a reconnect, a resume) in the quotas it was admitted to, until
+        `expires_at`: a session whose peer closed left them, and may not come back past a full one.
+
+        Raises QuotaExceeded, counting nothing, when one of them is full."""
+        members = sorted(cast(set[bytes], await self._redis.smembers(self._session_key(session_id))))
+        quotas = [member.decode() for member in members]
+        kinds = [cast(Quota, quota.removeprefix(QUOTA_PREFIX).partition(":")[0]) for quota in quotas]
+        known = [(quota, kind) for quota, kind in zip(quotas, kinds, strict=True) if kind in self._limits]
+        if not known:
+            return  # in no quota (created before quotas were kept): nothing to count against
+        now = time.time()
+        keys = [self._session_key(session_id), *(quota for quota, _ in known)]
+        args: list[str | int] = [session_id, repr(now), repr(expires_at), *(self._limits[kind] for _, kind in known)]
+        full = cast(list[bytes | int], await self._admit(keys=keys, args=args))
+        if full:
+            kind = known[int(full[0]) - 1][1]
+            raise QuotaExceeded(kind, self._limits[kind], max(1, math.ceil(float(full[1]) - now)))
 
     async def hold(self, session_id: str, expires_at: float) -> None:
         """Keep the session counted until `expires_at`, in every quota it was admitted to (its peer connected)."""

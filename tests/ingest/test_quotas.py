@@ -120,6 +120,34 @@ async def test_ending_a_session_gives_its_slot_back(redis_server: EmbeddedRedis)
             assert (await http.post("/v1/sessions")).status_code == 201
 
 
+OFFER_SDP = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n"
+
+
+async def test_a_session_that_left_its_quota_connects_again_only_if_there_is_room(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """A session whose peer closed left its quotas (it may be resumed for hours): an offer for it counts it
+    again, so parked sessions cannot be brought back past the cap."""
+    async with _gateway(redis_server, limits={"max_sessions_per_address": 2}) as gateway:
+        address = _address()
+        async with _client(build_api(gateway), address) as http:
+            first, second = [(await http.post("/v1/sessions")).json() for _ in range(2)]
+            await gateway.quotas.release(first["session_id"])  # as when its peer closes
+            third = (await http.post("/v1/sessions")).json()  # takes the slot the first left
+            refused = await http.post(f"/v1/sessions/{first['session_id']}/offer", json={"type": "offer",
+                                      "sdp": OFFER_SDP}, headers={"Authorization": f"Bearer {first['token']}"})
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+            assert int(refused.headers["Retry-After"]) >= 1
+            # A session still counted connects again whatever the count (the SDP here is not a real one).
+            again = await http.post(f"/v1/sessions/{second['session_id']}/offer", json={"type": "offer",
+                                    "sdp": OFFER_SDP}, headers={"Authorization": f"Bearer {second['token']}"})
+            assert again.status_code == 400 and again.json()["error"]["code"] == "invalid_sdp"
+            auth = {"Authorization": f"Bearer {third['token']}"}
+            assert (await http.delete(f"/v1/sessions/{third['session_id']}", headers=auth)).status_code == 200
+            await gateway.quotas.readmit(first["session_id"], time.time() + 60)  # room again: counted again
+            assert await gateway.quotas.held("address", address) == 2
+
+
 async def test_a_session_never_connected_is_gone_after_its_short_ttl_and_frees_its_slot(
     redis_server: EmbeddedRedis,
 ) -> None:
