@@ -40,7 +40,7 @@ import torch
 import transformers
 
 from actors.common.messages import Decision, TickRequest
-from bench.stream_load import LoadSettings, PointResult, frame_pool, run_point
+from bench.stream_load import LoadSettings, PointResult, frame_pool, parse_share, run_point
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_MODELS = ROOT / ".cache" / "test-models"
@@ -231,15 +231,6 @@ async def main_async(args: argparse.Namespace) -> None:
     say("|" + "---|" * len(COLUMNS))
     for row in rows:
         say(row)
-
-
-def parse_share(text: str) -> float | None:
-    if text == "model":
-        return None
-    share = float(text)
-    if not 0.0 <= share <= 1.0:
-        raise argparse.ArgumentTypeError("a share is between 0 and 1, or 'model'")
-    return share
 
 
 def parse_engines(text: str) -> list[str]:

@@ -54,7 +54,7 @@ from actors.interaction.engines.qwen_vl_inputs import PromptEncoder
 from actors.interaction.models.tiny_vlm import IMAGE_PAD, token_id
 from actors.interaction.prompt import build_prompt
 from bench.random_vlm import QWEN25_VL_7B, SMOKE_SIZES, start_engine, start_vllm_engine
-from bench.stream_load import TARGET_P99_MS, LoadSettings, PointResult, frame_pool, run_point
+from bench.stream_load import TARGET_P99_MS, LoadSettings, PointResult, frame_pool, parse_share, run_point
 
 COLUMNS = ("frames", "N", "decided/s", "busy skips", "p50 ms", "p95 ms", "p99 ms", "silent", "mean batch",
            "batch ms p50", "model ms p50", "peak GiB")
@@ -196,15 +196,6 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
         width, _, height = item.strip().lower().partition("x")
         sizes.append((int(width), int(height)))
     return sizes
-
-
-def parse_share(text: str) -> float | None:
-    if text == "model":
-        return None
-    share = float(text)
-    if not 0.0 <= share <= 1.0:
-        raise argparse.ArgumentTypeError("a share is between 0 and 1, or 'model'")
-    return share
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -8,6 +8,7 @@ due one as busy, as `SessionLoop` does. Latency runs from a tick's due time to i
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 from collections import deque
@@ -174,6 +175,16 @@ class PointResult:
     def held(self) -> bool:
         """Every due tick was decided, and p99 is within the target."""
         return self.busy == 0 and self.unfinished == 0 and self.decided > 0 and self.p(99) < TARGET_P99_MS
+
+
+def parse_share(text: str) -> float | None:
+    """A `--speak-share` argument: a share of ticks from 0 to 1, or "model" (None: the model decides)."""
+    if text == "model":
+        return None
+    share = float(text)
+    if not 0.0 <= share <= 1.0:
+        raise argparse.ArgumentTypeError("a share is between 0 and 1, or 'model'")
+    return share
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,15 +36,20 @@ def vigil_demo(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -
     yield from launch_vigil(tmp_path_factory.mktemp("vigil-demo"), demo_model_dir)
 
 
+async def _start_watching(page: Any, url: str) -> None:
+    """What a user does: open the page, give the instruction, start, and wait until it is live."""
+    await page.goto(url)
+    await page.fill("#instruction-input", "tell me when a red disc appears")
+    await page.click("#add-instruction")
+    await page.click("#start")
+    await page.wait_for_selector('#status[data-state="live"]', timeout=30_000)
+
+
 async def test_response_within_two_seconds_of_the_trigger(vigil_demo: RunningVigil, tmp_path: Path) -> None:
     clip = write_trigger_clip(tmp_path / "trigger.y4m", seconds=CLIP_S, trigger_at_s=TRIGGER_AT_S)
     async with chromium_page(clip, origin=vigil_demo.url) as browser:
         page = browser.page
-        await page.goto(vigil_demo.url)
-        await page.fill("#instruction-input", "tell me when a red disc appears")
-        await page.click("#add-instruction")
-        await page.click("#start")
-        await page.wait_for_selector('#status[data-state="live"]', timeout=30_000)
+        await _start_watching(page, vigil_demo.url)
         await page.wait_for_selector("#demo-note:not([hidden])", timeout=10_000)
         responded_at = None
         marks_before = 0
@@ -88,11 +94,7 @@ async def test_the_page_reconnects_by_itself_when_its_ingest_replica_is_killed(
     clip = write_trigger_clip(tmp_path / "trigger.y4m", seconds=CLIP_S, trigger_at_s=CLIP_S)
     async with chromium_page(clip, origin=vigil_demo.url) as browser:
         page = browser.page
-        await page.goto(vigil_demo.url)
-        await page.fill("#instruction-input", "tell me when a red disc appears")
-        await page.click("#add-instruction")
-        await page.click("#start")
-        await page.wait_for_selector('#status[data-state="live"]', timeout=30_000)
+        await _start_watching(page, vigil_demo.url)
         await page.wait_for_function("document.querySelectorAll('#timeline .mark').length >= 3", timeout=15_000)
         (pid,) = vigil_demo.replica_pids("Ingest")
         os.kill(pid, signal.SIGKILL)

@@ -32,8 +32,9 @@ class MessageTooLarge(ValueError):
 class Sample:
     """One model-ready frame: RGB pixels resized to the model's budget, with its stream time.
 
-    `ref`: the same pixels in Ray's object store (an ObjectRef, from the ingest's one `ray.put` of the frame),
-    when they are there; a call to another process then carries the ref, not the pixels (`without_pixels`).
+    `ref`: the pixels in Ray's object store (an ObjectRef, from the ingest's one `ray.put` of the frame), when
+    they are there; then `rgb` is empty in the ingest (which needs no copy of its own) and a call to another
+    process carries the ref (`without_pixels`), the receiver reading them back (`with_pixels`).
     """
 
     stream_time: float

@@ -167,21 +167,20 @@ class SessionStore:
         return result
 
     async def push_inbox(self, session_id: str, item: dict[str, Any]) -> None:
-        key = self._key(session_id, "inbox")
+        """A result for the session's next prompt."""
+        await self._push(session_id, "inbox", item)
+
+    async def push_control(self, session_id: str, item: dict[str, Any]) -> None:
+        """A change for the replica that runs the session (it takes it at its next tick)."""
+        await self._push(session_id, "control", item)
+
+    async def _push(self, session_id: str, part: str, item: dict[str, Any]) -> None:
+        key = self._key(session_id, part)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.rpush(key, msgpack.packb(item, use_bin_type=True))
             pipe.ltrim(key, -INBOX_MAX, -1)
             pipe.expire(key, self._ttl_s)
             await pipe.execute()
-
-    async def pop_inbox(self, session_id: str) -> list[dict[str, Any]]:
-        """Take every pending inbox item, atomically."""
-        key = self._key(session_id, "inbox")
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.lrange(key, 0, -1)
-            pipe.delete(key)
-            items, _ = await pipe.execute()
-        return [msgpack.unpackb(item, raw=False) for item in items]
 
     async def end(self, session_id: str) -> None:
         record = await self.get(session_id)
@@ -219,15 +218,6 @@ class SessionStore:
             self._event_log_max, self._ttl_s,
         ]
         return bool(await self._record_outcome(keys=keys, args=args))
-
-    async def push_control(self, session_id: str, item: dict[str, Any]) -> None:
-        """A change for the replica that runs the session (it takes it at its next tick)."""
-        key = self._key(session_id, "control")
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, msgpack.packb(item, use_bin_type=True))
-            pipe.ltrim(key, -INBOX_MAX, -1)
-            pipe.expire(key, self._ttl_s)
-            await pipe.execute()
 
     async def pop_pending(self, session_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Take every pending inbox item and control change, atomically, in one round trip."""

@@ -293,9 +293,7 @@ class SessionLoop:
                     and stream_time - self._keyframe_at >= self.config.keyframe_every_s):
                 # A camera that keeps moving changes every second: keyframes are rationed, not one a tick.
                 self._keyframe_at = stream_time
-                sample = verdict.sample
-                image = np.frombuffer(sample.rgb, np.uint8).reshape(sample.height, sample.width, 3)
-                self._remember("keyframe", "a new scene", stream_time, image)
+                self._remember("keyframe", "a new scene", stream_time, rgb)  # the sample's pixels, held here
         sampled = time.monotonic()
         stages = {"wait": (started - arrived.arrival) * 1000, "sample": (sampled - started) * 1000}
         inbox_items, changes = await self.services.store.pop_pending(self.session_id)

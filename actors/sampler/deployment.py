@@ -34,6 +34,12 @@ class Sampler:
         return await asyncio.to_thread(self.sampler.judge, rgb, previous, due)
 
 
+def _stored_sample(rgb: np.ndarray, stream_time: float, change_score: float, ref: ray.ObjectRef) -> Sample:
+    """A kept frame as a sample whose pixels are in the object store only (no copy in the ingest)."""
+    return Sample(stream_time=stream_time, width=rgb.shape[1], height=rgb.shape[0], rgb=b"",
+                  change_score=change_score, ref=ref)
+
+
 class RemoteSampler:
     """The sampler deployment seen from the ingest: one `ray.put` per frame (off the event loop), then a call."""
 
@@ -46,9 +52,7 @@ class RemoteSampler:
         verdict: SampleVerdict = await self.handle.judge.remote([ref], previous, due)
         if not verdict.keep:
             return verdict
-        sample = Sample(stream_time=stream_time, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes(),
-                        change_score=verdict.change_score, ref=ref)
-        return dataclasses.replace(verdict, sample=sample)
+        return dataclasses.replace(verdict, sample=_stored_sample(rgb, stream_time, verdict.change_score, ref))
 
 
 class InlineSampler:
@@ -66,7 +70,5 @@ class InlineSampler:
         if not verdict.keep:
             return verdict
         # A kept frame goes into the object store once: the interaction calls of its ticks carry the ref.
-        sample = Sample(stream_time=stream_time, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes(),
-                        change_score=verdict.change_score, ref=ray.put(rgb))
-        return dataclasses.replace(verdict, sample=sample)
+        return dataclasses.replace(verdict, sample=_stored_sample(rgb, stream_time, verdict.change_score, ray.put(rgb)))
 

@@ -54,8 +54,9 @@ async def test_keys_expire_with_the_session_ttl(store: SessionStore, redis_serve
     client = redis.Redis.from_url(redis_server.url)
     for key in (f"vigil:session:{record.session_id}", f"vigil:session:{record.session_id}:inbox"):
         assert 0 < client.ttl(key) <= 600
-    assert await store.pop_inbox(record.session_id) == [{"text": "result"}]
-    assert await store.pop_inbox(record.session_id) == []
+    await store.push_control(record.session_id, {"speak_threshold": 0.9})
+    assert await store.pop_pending(record.session_id) == ([{"text": "result"}], [{"speak_threshold": 0.9}])
+    assert await store.pop_pending(record.session_id) == ([], [])
 
 
 async def test_ended_session_is_marked(store: SessionStore) -> None:
