@@ -1,5 +1,6 @@
 # Two commands for a newcomer: `make run` (Vigil with embedded defaults) and `make test` (the whole suite).
-# Both install what they need: a virtualenv in .venv, Vigil and its dependencies, and (tests) Debian chromium.
+# Both install what they need: a virtualenv in .venv, Vigil and its dependencies, and (tests) Debian's chromium
+# and prometheus (for promtool).
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.vigil-installed
 VLLM_STAMP := $(VENV)/.vigil-vllm-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast lint bench load install browser clean
+.PHONY: run test test-fast lint bench load install system-packages browser clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Vigil needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
@@ -31,13 +32,17 @@ $(VLLM_STAMP): $(STAMP)
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
-browser:
+# Debian packages the tests use: chromium for the browser tests, prometheus for promtool (the alert rules' checks).
+system-packages:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
+browser: system-packages
 
 run: $(STAMP)
 	$(PY) serve_app.py
 
-test: $(STAMP) $(VLLM_STAMP) browser lint
+test: $(STAMP) $(VLLM_STAMP) system-packages lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -1,8 +1,9 @@
 """Vigil's application graph on Ray Serve, and `main()`, which `make run` starts.
 
-    ingest (HTTP + WebRTC, session loops) ──▶ sampler
+    ingest (HTTP + WebRTC, session loops) ──▶ sampler (VIGIL_SAMPLER=deployment; inline in the ingest by default)
                                           ├─▶ interaction (the VLM engine)
-                                          └─▶ memory (12-hour session memory; sessions routed by id)
+                                          ├─▶ memory (12-hour session memory; sessions routed by id)
+                                          └─▶ brain (delegated questions, when VIGIL_BRAIN_BACKEND is set)
 
 Each deployment lives in its role's package (`actors/<role>/deployment.py`); this module only binds them.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from actors.brain.deployment import Brain, engine_config
 from actors.common.config import VigilConfig
 from actors.ingest.deployment import Ingest
 from actors.interaction.deployment import Interaction
@@ -38,14 +40,25 @@ def build_app(config: VigilConfig) -> serve.Application:
         max_queued_requests=config.interaction_max_queued,
         ray_actor_options={"num_cpus": config.interaction_cpus},
     ).bind(config)
-    sampler = Sampler.options(ray_actor_options={"num_cpus": config.sampler_cpus}).bind(config)
+    sampler = None
+    if config.sampler == "deployment":
+        sampler = Sampler.options(ray_actor_options={"num_cpus": config.sampler_cpus}).bind(config)
     memory = None
     if config.memory:
         memory = Memory.options(
             num_replicas=config.memory_replicas, ray_actor_options={"num_cpus": config.memory_cpus}
         ).bind(config)
+    brain = None
+    if config.brain.backend != "none":
+        own_engine = None
+        if config.brain.backend == "engine":
+            # The brain's bigger model, in an interaction deployment of its own (not the ticks' replicas).
+            own_engine = Interaction.options(
+                name="BrainInteraction", num_replicas=1, ray_actor_options={"num_cpus": config.interaction_cpus},
+            ).bind(engine_config(config))
+        brain = Brain.options(ray_actor_options={"num_cpus": config.brain_cpus}).bind(config, own_engine)
     ingest = Ingest.options(num_replicas=config.ingest_replicas, ray_actor_options={"num_cpus": config.ingest_cpus})
-    return ingest.bind(config, sampler, interaction, memory)
+    return ingest.bind(config, sampler, interaction, memory, brain)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -73,6 +86,8 @@ def main() -> None:
         config = prepare_model(config)  # the weights on disk (or the demo model trained) before replicas start
     ray.init(include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("VIGIL_", "HF_"))}})
+    # Another driver (`serve run`, a redeploy) joins this cluster at this address.
+    log.info("Ray cluster at %s", ray.get_runtime_context().gcs_address)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name="vigil", route_prefix="/")
     url = f"http://{config.host}:{config.port}/"

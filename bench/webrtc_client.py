@@ -106,7 +106,8 @@ class VigilClient:
         )
         reply.raise_for_status()
         self.replica = reply.headers.get("x-vigil-replica", "")  # the ingest replica that holds the peer now
-        answer = RTCSessionDescription(**reply.json())
+        body = reply.json()  # with "iceServers" too when Vigil hands out TURN credentials
+        answer = RTCSessionDescription(sdp=body["sdp"], type=body["type"])
         self._check_answer(answer.sdp)
         await self.pc.setRemoteDescription(answer)
         await asyncio.wait_for(self.opened.wait(), 15.0)

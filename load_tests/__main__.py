@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
                       help="clip seconds at which the red disc appears, comma-separated (default 4)")
     clip.add_argument("--trigger-s", type=float, default=2.0, help="how long the disc shows each time")
     clip.add_argument("--keyframe-s", type=float, default=2.0, help="a keyframe this often")
-    clip.add_argument("--bitrate-kbps", type=int, default=600)
+    clip.add_argument("--bitrate-kbps", type=int, default=ClipSpec().bitrate_kbps)
     clip.add_argument("--seed", type=int, default=0)
     clip.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="encoded clips (default %(default)s)")
     return p

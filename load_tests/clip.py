@@ -42,7 +42,7 @@ class ClipSpec:
     triggers: tuple[float, ...] = (4.0,)
     trigger_s: float = 2.0
     keyframe_s: float = 2.0
-    bitrate_kbps: int = 600
+    bitrate_kbps: int = 400  # what the page sends: Vigil caps video at 400 kbit/s
     seed: int = 0
 
     def __post_init__(self) -> None:

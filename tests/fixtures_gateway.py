@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 import pytest
 
+from actors.brain.backends import load_backend
+from actors.brain.runner import Brain as BrainRunner
 from actors.common.config import VigilConfig
 from actors.common.embedded_redis import EmbeddedRedis
-from actors.common.messages import Decision
+from actors.common.messages import Decision, DelegationReceipt, DelegationRequest
 from actors.common.metrics import VigilMetrics
 from actors.common.session_store import SessionStore
+from actors.ingest.delegations import Brain
 from actors.ingest.gateway import Gateway, build_api
 from actors.ingest.ice import restrict_host_addresses
 from actors.ingest.session_loop import TickServices
@@ -29,6 +32,7 @@ class LocalVigil:
     gateway: Gateway
     engine: ScriptedEngine
     config: VigilConfig
+    brain: BrainRunner | None = None
 
 
 def red_rule(request) -> Decision:
@@ -49,13 +53,30 @@ def start_local_vigil(
         return await asyncio.to_thread(sampler.sample, rgb, stream_time, previous, due)
 
     handle = LocalEngineHandle(engine)
+    metrics = VigilMetrics()
+    runner = None
+    brain = None
+    if config.brain.backend != "none":
+        # The brain as its deployment runs it (its backend, its runner, results into Redis), in this process.
+        runner = BrainRunner.from_config(config.brain, load_backend(config.brain), store.push_delegation_result,
+                                         metrics)
+
+        async def delegate(request: DelegationRequest) -> DelegationReceipt:
+            assert runner is not None
+            return runner.delegate(request)
+
+        async def cancel(session_id: str, delegation_id: str) -> bool:
+            assert runner is not None
+            return runner.cancel(session_id, delegation_id)
+
+        brain = Brain(delegate=delegate, cancel=cancel)
     services = TickServices(
-        sample=sample, decide=handle.decide, store=store, metrics=VigilMetrics(), memory=memory
+        sample=sample, decide=handle.decide, store=store, metrics=metrics, memory=memory, brain=brain
     )
     gateway = Gateway(config, store, services, handle)
     asyncio.run(gateway.start())
     server = ServerThread(build_api(gateway))
-    return server, LocalVigil(url="", gateway=gateway, engine=engine, config=config)
+    return server, LocalVigil(url="", gateway=gateway, engine=engine, config=config, brain=runner)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ class RunningVigil:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    settings: dict[str, str]  # the environment it was started with, besides the test's own
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -55,7 +56,7 @@ def launch_vigil(workdir: Path, model_dir: Path, **env: str) -> Iterator[Running
             [sys.executable, str(ROOT / "serve_app.py")], cwd=workdir, env=os.environ | settings,
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    vigil = RunningVigil(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    vigil = RunningVigil(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path, settings=settings)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

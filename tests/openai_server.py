@@ -4,7 +4,7 @@ It answers `GET /v1/models` and `POST /v1/chat/completions` the way vLLM does: a
 is honoured, `logprobs`/`top_logprobs` come back per token (the decision prefixes tokenised as Qwen2's
 tokenizer does, `</` first), and a prefilled assistant turn with `continue_final_message` is continued. Every
 frame must be a data URL that decodes as an image. A test scripts P(speak), the words, and faults (refused
-parameters, 5xx runs, slowness, garbage bodies, a required key) through `ChatScript`, and reads what arrived
+parameters, 5xx runs, slowness, hanging, garbage bodies, a required key) through `ChatScript`, and reads what arrived
 from `ChatServer.calls`.
 """
 
@@ -48,6 +48,8 @@ class ChatScript:
     always_status: int | None = None
     error_message: str = "the model backend failed"
     delay_s: float = 0.0
+    # Chat calls get no answer until the server closes (a server that hangs; closing is not held up by them).
+    hang: bool = False
     garbage: str | None = None  # "not_json" or "no_choices"
     api_key: str | None = None
     # Text a server without the decision constraint generates (None: the likelier decision, then the words).
@@ -103,6 +105,7 @@ class ChatServer:
         self.script = ChatScript()
         self.calls: list[ChatCall] = []
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self.app = self._build()
         self._thread = ServerThread(self.app)
 
@@ -121,6 +124,7 @@ class ChatServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()
         self._thread.__exit__(*exc)
 
     def _build(self) -> FastAPI:
@@ -171,6 +175,8 @@ class ChatServer:
             return refused
         if script.delay_s:
             await asyncio.sleep(script.delay_s)
+        if script.hang:
+            await asyncio.to_thread(self._closing.wait)
         if script.always_status is not None:
             return self._error(script.always_status, script.error_message, call)
         if failing:

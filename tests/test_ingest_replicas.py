@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from itertools import pairwise
@@ -19,7 +23,7 @@ import pytest
 
 from actors.ingest.ice import restrict_host_addresses
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
-from tests.fixtures_vigil import RunningVigil, launch_vigil
+from tests.fixtures_vigil import ROOT, RunningVigil, launch_vigil
 
 pytestmark = pytest.mark.integration
 
@@ -182,12 +186,55 @@ async def test_killing_an_ingest_replica_resumes_its_sessions_on_the_other(vigil
             await client.close()
 
 
-async def test_stopping_vigil_drains_every_session_first(vigil_two_ingest: RunningVigil) -> None:
-    """Serve's graceful shutdown of the ingest replicas (as on scale-down or redeploy) tells each client to
-    connect again before its peer closes. Last in this module: it stops the module's Vigil."""
+def _redeploy_with_one_ingest_replica(vigil: RunningVigil) -> float:
+    """What an operator does to scale the ingest down: deploy the application again, from another driver joined
+    to Vigil's cluster, with one ingest replica. Serve replaces the replicas and stops the old ones gracefully.
+    Returns the seconds `serve.run` took."""
+    log = vigil.log()
+    gcs = re.search(r"Ray cluster at (\S+)", log)
+    redis_url = re.search(r"embedded Redis at (\S+)", log)
+    assert gcs and redis_url, "Vigil logs its Ray cluster and Redis"
+    driver = textwrap.dedent(f"""
+        import os, time, ray
+        from ray import serve
+        import serve_app
+        from actors.common.config import VigilConfig
+        ray.init(address={gcs[1]!r}, runtime_env={{"env_vars": {{k: v for k, v in os.environ.items()
+                                                                 if k.startswith(("VIGIL_", "HF_"))}}}})
+        config = VigilConfig.from_env({{"redis_url": {redis_url[1]!r}, "ingest_replicas": 1}})
+        started = time.monotonic()
+        serve.run(serve_app.build_app(config), name="vigil", route_prefix="/")
+        print(f"redeployed in {{time.monotonic() - started:.1f}} s")
+    """)
+    env = os.environ | {key: value for key, value in vigil.settings.items() if key != "VIGIL_INGEST_REPLICAS"}
+    env["RAY_AUTH_MODE"] = "token"  # a cluster started by ray.init() takes tokens; its token is in ~/.ray
+    done = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return float(re.search(r"redeployed in (\S+) s", done.stdout)[1])  # type: ignore[index]
+
+
+async def _told_to_reconnect(clients: list[VigilClient], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(any(m["type"] == "reconnect" for m in client.messages) for client in clients):
+        assert time.monotonic() < deadline, [[m["type"] for m in c.messages[-3:]] for c in clients]
+        await asyncio.sleep(0.1)
+    for client in clients:
+        told = [m for m in client.messages if m["type"] == "reconnect"][-1]
+        assert told["reason"] == "drain"
+        last_tick = max(m["received_at"] for m in client.messages if m["type"] == "tick")
+        assert told["received_at"] >= last_tick, "told after its last tick, so the next owner numbers on"
+
+
+async def test_scaling_down_drains_sessions_that_resume_and_stopping_drains_them_again(
+        vigil_two_ingest: RunningVigil) -> None:
+    """Scale-down (a redeploy with one ingest replica) tells every client to connect again before its replica
+    goes; they resume on the replica that stays, numbering on. Then stopping Vigil drains them once more. Last
+    in this module: it stops the module's Vigil."""
     restrict_host_addresses(["127.0.0.1"])
     by_replica = await _sessions_on_both(vigil_two_ingest, 12, stop_when_both=True)
     await _end_unused(vigil_two_ingest, by_replica)
+    old_replicas = set(by_replica)
     clients = []
     try:
         for sessions in by_replica.values():
@@ -196,16 +243,21 @@ async def test_stopping_vigil_drains_every_session_first(vigil_two_ingest: Runni
             await client.connect(SyntheticVideoTrack(_scene, fps=5))
             await asyncio.wait_for(client.ticks.get(), 15)
             clients.append(client)
-        vigil_two_ingest.process.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 30
-        while not all(any(m["type"] == "reconnect" for m in client.messages) for client in clients):
-            assert time.monotonic() < deadline, [[m["type"] for m in c.messages[-3:]] for c in clients]
-            await asyncio.sleep(0.1)
+        took = await asyncio.to_thread(_redeploy_with_one_ingest_replica, vigil_two_ingest)
+        await _told_to_reconnect(clients, timeout=60)
         for client in clients:
-            told = next(m for m in client.messages if m["type"] == "reconnect")
-            assert told["reason"] == "drain"
-            last_tick = max(m["received_at"] for m in client.messages if m["type"] == "tick")
-            assert told["received_at"] >= last_tick, "told after its last tick, so the next owner numbers on"
+            await _reconnect_until_it_ticks(client, timeout=60)
+        print(f"redeployed with one ingest replica in {took:.1f} s; both sessions resumed on {clients[0].replica}")
+        assert len({client.replica for client in clients}) == 1
+        assert clients[0].replica not in old_replicas
+        assert len(vigil_two_ingest.replica_pids("Ingest")) == 1
+        for client in clients:
+            while (await asyncio.wait_for(client.ticks.get(), 15))["outcome"] == "skipped:reconnect":
+                pass
+            ticks = [event["tick"] for event in await client.events()]
+            assert sorted(ticks) == list(range(1, max(ticks) + 1)), "numbered on, no tick twice"
+        vigil_two_ingest.process.send_signal(signal.SIGINT)
+        await _told_to_reconnect(clients, timeout=30)
     finally:
         for client in clients:
             await client.close(end_session=False)

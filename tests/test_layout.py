@@ -12,13 +12,21 @@ from ray import serve
 pytestmark = pytest.mark.unit
 
 ACTORS = Path(__file__).resolve().parent.parent / "actors"
-ROLES = ("ingest", "sampler", "interaction", "memory")
+ROLES = ("ingest", "sampler", "interaction", "memory", "brain")
 # The roles each role calls, and the modules of a called role that its callers may import: its client interface.
-CALLS = {"ingest": {"sampler", "interaction", "memory"}, "sampler": set(), "interaction": set(), "memory": set()}
+CALLS = {
+    "ingest": {"sampler", "interaction", "memory", "brain"},
+    "sampler": set(),
+    "interaction": set(),
+    "memory": set(),
+    # The brain's `engine` backend asks an interaction deployment of its own, through its client.
+    "brain": {"interaction"},
+}
 CLIENTS = {
     "sampler": {"actors.sampler.deployment"},
     "interaction": {"actors.interaction.deployment"},
     "memory": {"actors.memory.deployment", "actors.memory.link"},
+    "brain": {"actors.brain.deployment"},
 }
 
 
@@ -76,7 +84,7 @@ def test_serve_app_binds_deployments_defined_in_their_packages() -> None:
     import serve_app
 
     deployments = {name: value for name, value in vars(serve_app).items() if isinstance(value, serve.Deployment)}
-    assert set(deployments) == {"Ingest", "Sampler", "Interaction", "Memory"}
+    assert set(deployments) == {"Ingest", "Sampler", "Interaction", "Memory", "Brain"}
     for name, deployment in deployments.items():
         assert deployment.func_or_class.__module__ == f"actors.{name.lower()}.deployment"
     source = ast.parse(Path(serve_app.__file__).read_text())

@@ -24,6 +24,15 @@ import pytest
 
 from actors.ingest.ice import restrict_host_addresses
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
+from tests.deploy.promql import (
+    BLACKBOX,
+    alert_rules,
+    dashboard_queries,
+    exposed_families,
+    is_exported,
+    metric_names,
+    ray_metric_names,
+)
 from tests.fixtures_vigil import RunningVigil, launch_vigil
 
 pytestmark = pytest.mark.integration
@@ -77,6 +86,16 @@ async def test_ticks_flow_through_the_serve_graph(vigil_tiny: RunningVigil) -> N
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("sessions were not released after DELETE")
+
+
+async def test_the_dashboard_and_alerts_name_metrics_the_running_graph_exports(vigil_tiny: RunningVigil) -> None:
+    # After the ticks above; a family is declared on /metrics (# TYPE) even before its first labelled sample.
+    async with httpx.AsyncClient(base_url=vigil_tiny.url) as http:
+        families = exposed_families((await http.get("/metrics")).text)
+    queried = {name for _, expr in dashboard_queries() for name in metric_names(expr)}
+    queried |= {name for rule in alert_rules() for name in metric_names(rule["expr"])}
+    vigil = {name for name in queried if name not in ray_metric_names() and name not in BLACKBOX}
+    assert vigil and {name for name in vigil if not is_exported(name, families)} == set()
 
 
 NOTES = [

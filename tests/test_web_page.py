@@ -264,3 +264,37 @@ async def test_ticks_responses_latency_and_demo_note_render(web_server: StaticSe
         )
         assert "Unknown type." in await page.locator("#error").inner_text()
         assert browser.console_errors() == [], browser.log()
+
+
+async def test_delegation_results_fill_their_card_and_rich_parts_are_sandboxed(web_server: StaticServer) -> None:
+    delegate = {"type": "tick", "tick": 7, "stream_time": 7.0, "outcome": "delegate", "text": "Let me check.",
+                "question": "What do the prices add up to?", "latency_ms": 200.0}
+    done = {"type": "delegation", "id": "7", "status": "done", "question": "What do the prices add up to?",
+            "text": "They add up to 42 euros.", "full_text": "", "reason": "", "duration_s": 3.2,
+            "stream_time": 7.0, "rich": {"kind": "html", "content": "<table><tr><td>milk</td><td>2</td></tr></table>"
+                                         "<script>parent.document.title='escaped'</script>"}}
+    lost = {"type": "delegation", "id": "9", "status": "timed_out", "question": "Which shelf?", "text": "",
+            "full_text": "", "reason": "no answer in 120 s", "duration_s": 120.0, "stream_time": 9.0, "rich": None}
+    async with chromium_page(origin=web_server.url.rstrip("/")) as browser:
+        page = browser.page
+        await page.goto(web_server.url)
+        await page.evaluate("(m) => onMessage(JSON.stringify(m))", delegate)
+        card = page.locator('#responses li[data-delegation="7"]')
+        assert "Working on it" in await card.inner_text()
+        sent = await page.evaluate("""() => { const out = []; window.send = (m) => out.push(m);
+                                              document.querySelector('.cancel-delegation').click(); return out; }""")
+        assert sent == [{"type": "cancel", "delegation": "7"}], "the cancel button names the delegation"
+        await page.evaluate("(ms) => ms.forEach((m) => onMessage(JSON.stringify(m)))", [done, lost])
+        assert await page.locator('#responses li[data-delegation]').count() == 2, "one card per delegation"
+        text = await card.inner_text()
+        assert "Answered" in text and "42 euros" in text and "Working on it" not in text
+        assert await card.locator(".cancel-delegation").count() == 0
+        frame = card.locator("iframe.rich")
+        assert await frame.get_attribute("sandbox") == "", "HTML from the brain runs with no scripts"
+        await asyncio.sleep(0.3)
+        assert await page.title() != "escaped"
+        assert "milk" in await page.frame_locator("iframe.rich").locator("table").inner_text()
+        other = page.locator('#responses li[data-delegation="9"]')
+        assert "No answer in time: no answer in 120 s" in await other.inner_text()
+        unexpected = [e for e in browser.console_errors() if "sandboxed" not in e and "script" not in e.lower()]
+        assert unexpected == [], browser.log()

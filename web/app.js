@@ -6,7 +6,7 @@ const ICE_GATHER_TIMEOUT_MS = 5000;
 const PING_INTERVAL_MS = 5000;
 const PONG_LATE_MS = 15000;
 const MAX_FRAMERATE = 5;
-const MAX_BITRATE = 600_000;
+const MAX_BITRATE = 400_000; // what Vigil asks for in its answer (VIGIL_VIDEO_MAX_KBPS)
 const MAX_MARKS = 900;
 const MAX_RESPONSES = 200;
 const LATENCY_WINDOW = 60;
@@ -160,7 +160,8 @@ function iceGatheringComplete(pc, timeoutMs) {
 
 async function connectPeer() {
   const { session_id: id, token } = state.session;
-  const pc = new RTCPeerConnection({ iceServers: [] });
+  // TURN credentials from Vigil when it has a relay (deployments behind NAT); none otherwise.
+  const pc = new RTCPeerConnection({ iceServers: state.session.iceServers || [] });
   state.pc = pc;
   // The channel must exist before the offer so that the offer carries its m=application section.
   const dc = pc.createDataChannel("vigil");
@@ -186,7 +187,8 @@ async function connectPeer() {
   const answer = await api("POST", `v1/sessions/${encodeURIComponent(id)}/offer`, token,
     { type: "offer", sdp: pc.localDescription.sdp });
   if (pc !== state.pc) return;
-  await pc.setRemoteDescription(answer);
+  if (answer.iceServers) state.session.iceServers = answer.iceServers;  // fresh ones for a reconnect
+  await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
   setStatus("connecting", "Connecting…");
 }
 
@@ -293,6 +295,9 @@ function onMessage(data) {
     case "recall":
       showRecall(message.query, message.lines || []);
       break;
+    case "delegation":
+      showDelegation(message);
+      break;
     case "error":
       showError(message.code, message.message);
       break;
@@ -393,10 +398,77 @@ function addResponse(tick, kind, latency) {
     const question = document.createElement("p");
     question.className = "question";
     question.textContent = `Handed to the background brain: ${tick.question}`;
-    li.append(question);
+    const status = document.createElement("p");
+    status.className = "delegation-status";
+    status.textContent = "Working on it…";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.className = "small cancel-delegation";
+    cancel.textContent = "Cancel";
+    // A delegation's id is the number of the tick that made it.
+    cancel.addEventListener("click", () => send({ type: "cancel", delegation: String(tick.tick) }));
+    li.dataset.delegation = String(tick.tick);
+    li.append(question, status, cancel);
   }
   appendToResponses(li);
   speak(tick.text);
+}
+
+const DELEGATION_STATUS = {
+  done: "Answered",
+  failed: "No answer",
+  timed_out: "No answer in time",
+  cancelled: "Cancelled",
+};
+
+// A delegation's one result: on its card when the card is still shown, else as a card of its own. A result that
+// is more than a sentence (a table, an HTML page, a chart) gets its own block; HTML runs in a sandboxed frame
+// with no scripts, so a page from the brain cannot reach this one.
+function showDelegation(result) {
+  let li = ui.responses.querySelector(`li[data-delegation="${CSS.escape(String(result.id))}"]`);
+  if (!li) {
+    li = document.createElement("li");
+    li.className = "response delegate";
+    li.dataset.delegation = String(result.id);
+    const question = document.createElement("p");
+    question.className = "question";
+    question.textContent = `Handed to the background brain: ${result.question || ""}`;
+    li.append(question);
+    appendToResponses(li);
+  }
+  li.querySelector(".cancel-delegation")?.remove();
+  li.querySelector(".delegation-status")?.remove();
+  li.dataset.status = result.status;
+  const status = document.createElement("p");
+  status.className = `delegation-status ${result.status}`;
+  const label = DELEGATION_STATUS[result.status] || result.status;
+  status.textContent = result.status === "done" ? `${label} · ${formatMs(1000 * result.duration_s)}`
+    : `${label}${result.reason ? `: ${result.reason}` : ""}`;
+  li.append(status);
+  if (result.status === "done") {
+    const answer = document.createElement("p");
+    answer.className = "delegation-answer";
+    answer.textContent = result.full_text || result.text || "";
+    li.append(answer);
+    if (result.rich) li.append(richPart(result.rich));
+    speak(result.text);
+  }
+}
+
+function richPart(rich) {
+  if (rich.kind === "html") {
+    const frame = document.createElement("iframe");
+    frame.className = "rich html";
+    frame.setAttribute("sandbox", "");
+    frame.setAttribute("referrerpolicy", "no-referrer");
+    frame.title = "Result from the background brain";
+    frame.srcdoc = String(rich.content);
+    return frame;
+  }
+  const block = document.createElement("pre");
+  block.className = `rich ${rich.kind}`;
+  block.textContent = String(rich.content);
+  return block;
 }
 
 function showRecall(query, lines) {

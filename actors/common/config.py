@@ -6,8 +6,9 @@ import ipaddress
 import json
 import os
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 ENV_PREFIX = "VIGIL_"
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
@@ -28,6 +29,58 @@ class Limits(BaseModel):
     # counted across every ingest replica. With one shared API key, the key quota caps the whole deployment.
     max_sessions_per_key: int = Field(default=32, ge=1)
     max_sessions_per_address: int = Field(default=16, ge=1)
+    # The streaming API (docs/api.md): a chat-completions request, and the images (data URLs) it may carry.
+    max_chat_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(default=16, ge=1)
+    max_image_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+
+
+class BrainConfig(BaseModel):
+    """The background brain that answers delegated questions (`VIGIL_BRAIN_<NAME>`).
+
+    It reaches one endpoint, `base_url`, and nothing else; it never runs commands. The API key is not part of
+    the configuration: `api_key_env` names the environment variable that holds it, read when the backend is
+    made, so no config dump or log line can show it.
+    """
+
+    backend: Literal["none", "openai", "agent", "engine"] = Field(
+        default="none", description="openai: an OpenAI-compatible chat-completions server with images; agent: a "
+        "JoyAI-style agent service (POST /v1/solve); engine: an interaction deployment of its own (a bigger model); "
+        "none: delegations are answered failed",
+    )
+    base_url: str = Field(default="", description="openai: the API root (http://host:8001/v1); agent: the service root")
+    model: str = Field(default="", description="openai: the model (empty: the first one listed); engine: the model")
+    api_key_env: str = Field(default="VIGIL_BRAIN_API_KEY", description="the variable holding the key (never the key)")
+    timeout_s: float = Field(default=120.0, gt=0.0, description="a delegation's outcome is due this long after it")
+    max_in_flight_per_session: int = Field(default=2, ge=1, description="a session's delegations running or queued")
+    max_in_flight: int = Field(default=16, ge=1, description="delegations running at once (per brain replica)")
+    max_queued: int = Field(default=64, ge=0, description="delegations waiting for a slot, first come first served")
+    max_frames: int = Field(default=8, ge=0, description="the newest frames sent with a delegation")
+    max_tokens: int = Field(default=1024, ge=1, description="openai and engine: tokens of an answer")
+    spoken_chars: int = Field(default=300, ge=40, description="the condensed, spoken part of an answer, in characters")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_is_http(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("brain.base_url must be an http:// or https:// URL")
+        if "@" in urlsplit(value).netloc:
+            # It is logged and shown: credentials go in the variable api_key_env names.
+            raise ValueError("brain.base_url must not hold credentials; put the key in brain.api_key_env's variable")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_env_is_a_name(cls, value: str) -> str:
+        if value and not (value.replace("_", "a").isalnum() and value.isascii() and not value[0].isdigit()):
+            raise ValueError("brain.api_key_env must be the name of an environment variable (not the key itself)")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_for_remote_backends(self) -> BrainConfig:
+        if self.backend in ("openai", "agent") and not self.base_url:
+            raise ValueError(f"brain.backend {self.backend!r} needs brain.base_url (VIGIL_BRAIN_BASE_URL)")
+        return self
 
 
 class VigilConfig(BaseModel):
@@ -65,13 +118,22 @@ class VigilConfig(BaseModel):
     silent_without_instruction: bool = True
     change_threshold: float = 0.08
     sampler: Literal["deployment", "inline"] = Field(
-        default="deployment", description="inline: the ingest judges its frames itself (a 16x16 signature of the "
-        "frame it already holds at the model's size) instead of calling the sampler deployment",
+        default="inline", description="inline: the ingest judges its frames itself (a 16x16 signature of the "
+        "frame it already holds at the model's size), a sixth of the CPU per stream of a call to the sampler "
+        "deployment; deployment: the sampler deployment judges them (bound only then)",
+    )
+    video_max_kbps: int = Field(
+        default=400, ge=50, le=20_000, description="the most video a client is asked to send (b=AS in the answer): "
+        "the model sees a frame a second at image_size, and decoding costs the ingest CPU in proportion",
     )
     session_ttl_s: int = 13 * 3600
     unconnected_session_ttl_s: int = Field(
         default=120, ge=1, description="a created session whose offer is not accepted this soon expires; an accepted "
         "offer gives it session_ttl_s",
+    )
+    http_session_ttl_s: int = Field(
+        default=3600, ge=1, description="a session of the streaming API (docs/api.md) idle this long is dropped: its "
+        "name then starts a new session",
     )
     event_log_max: int = 50_000
     heartbeat_timeout_s: float = 30.0
@@ -104,7 +166,45 @@ class VigilConfig(BaseModel):
     ice_servers: list[str] = Field(default_factory=list)
     ice_host_addresses: list[str] = Field(default_factory=list)
     ice_allowed_networks: list[str] = Field(default_factory=list)
+    # A TURN relay for clients (coturn with use-auth-secret): with both set, each session's client is handed
+    # short-lived credentials for these URLs (actors/ingest/turn.py).
+    turn_urls: list[str] = Field(
+        default_factory=list, description="TURN URLs handed to clients, e.g. turn:turn.example.com:3478?transport=udp",
+    )
+    turn_secret: SecretStr | None = Field(default=None, description="the relay's shared secret; never logged")
+    turn_ttl_s: int | None = Field(
+        default=None, ge=60, description="how long handed TURN credentials last; unset: session_ttl_s",
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="each ingest replica also serves its metrics on this port "
+        "(one replica per node), so Prometheus scrapes every replica rather than the one Serve routes /metrics to",
+    )
+    # -- video sources (actors/ingest/sources.py): off unless configured, since a server that opens URLs can be
+    # made to reach what its clients cannot (SSRF). Each list below is empty by default, and empty allows nothing.
+    sources_allowed_schemes: list[str] = Field(
+        default_factory=list, description="URL schemes a session's source may have (rtsp, rtsps, http, https); "
+        "empty: no URL sources",
+    )
+    sources_allowed_networks: list[str] = Field(
+        default_factory=list, description="CIDRs every address a source's host resolves to must be in, e.g. "
+        "10.0.0.0/8; empty: no URL sources",
+    )
+    sources_file_roots: list[str] = Field(
+        default_factory=list, description="directories a file source's path must resolve under; empty: no files",
+    )
+    sources_max_upload_bytes: int = Field(default=0, ge=0, description="the largest upload played as a source; 0: "
+                                          "no uploads")
+    sources_upload_dir: str | None = Field(default=None, description="where uploads are kept while they play; unset: "
+                                           "the system's temporary directory")
+    sources_max_total: int = Field(default=8, ge=0, description="sources playing at once on one ingest replica "
+                                   "(one per session: a new one replaces it)")
+    sources_max_fps: float = Field(default=5.0, gt=0.0, le=30.0, description="decoded frames handed to a "
+                                   "session's ticks per second at most (the newest wins)")
+    sources_open_timeout_s: float = Field(default=10.0, gt=0.0, description="opening a source, each try")
+    sources_read_timeout_s: float = Field(default=5.0, gt=0.0, description="a source that sends nothing this long "
+                                          "has dropped")
     limits: Limits = Field(default_factory=Limits)
+    brain: BrainConfig = Field(default_factory=BrainConfig)
 
     memory: bool = Field(default=True, description="12-hour session memory (retrieval in the prompt, recall)")
     memory_replicas: int = 1
@@ -133,14 +233,24 @@ class VigilConfig(BaseModel):
     # replica takes a whole core, the I/O-bound roles a quarter each.
     ingest_cpus: float = 0.25
     sampler_cpus: float = 0.25
+    brain_cpus: float = 0.25
     interaction_cpus: float = 1.0
 
-    @field_validator("ice_allowed_networks")
+    @field_validator("ice_allowed_networks", "sources_allowed_networks")
     @classmethod
     def _networks_parse(cls, value: list[str]) -> list[str]:
         for net in value:
             ipaddress.ip_network(net, strict=False)
         return value
+
+    @field_validator("sources_allowed_schemes")
+    @classmethod
+    def _source_schemes_known(cls, value: list[str]) -> list[str]:
+        schemes = [scheme.strip().lower() for scheme in value if scheme.strip()]
+        unknown = sorted(set(schemes) - {"rtsp", "rtsps", "http", "https"})
+        if unknown:
+            raise ValueError(f"sources_allowed_schemes: {unknown} unknown; choose from rtsp, rtsps, http, https")
+        return schemes
 
     @property
     def is_loopback(self) -> bool:
@@ -162,8 +272,8 @@ class VigilConfig(BaseModel):
 
     @classmethod
     def from_env(cls, overrides: dict[str, Any] | None = None) -> VigilConfig:
-        """Read VIGIL_<FIELD> and VIGIL_LIMITS_<LIMIT> variables (and REDIS_URL); lists are comma-separated;
-        `overrides` win."""
+        """Read VIGIL_<FIELD>, VIGIL_LIMITS_<LIMIT> and VIGIL_BRAIN_<NAME> variables (and REDIS_URL); lists are
+        comma-separated; `overrides` win."""
         values: dict[str, Any] = {}
         for name, field in cls.model_fields.items():
             raw = os.environ.get(ENV_PREFIX + name.upper())
@@ -182,6 +292,10 @@ class VigilConfig(BaseModel):
                   if (raw := os.environ.get(f"{ENV_PREFIX}LIMITS_{name.upper()}")) is not None}
         if limits:
             values["limits"] = limits
+        brain = {name: raw for name in BrainConfig.model_fields
+                 if (raw := os.environ.get(f"{ENV_PREFIX}BRAIN_{name.upper()}")) is not None}
+        if brain:
+            values["brain"] = brain
         if "redis_url" not in values and os.environ.get("REDIS_URL"):
             values["redis_url"] = os.environ["REDIS_URL"]
         values.update(overrides or {})

@@ -162,11 +162,96 @@ class SessionRecord:
     speak_threshold: float = 0.5
 
 
+DelegationStatus = Literal["done", "failed", "timed_out", "cancelled"]
+DELEGATION_STATUSES: tuple[str, ...] = ("done", "failed", "timed_out", "cancelled")
+RICH_KINDS: tuple[str, ...] = ("table", "html", "chart")
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationFrame:
+    """One recent frame of a delegation: a JPEG file and its stream time."""
+
+    stream_time: float
+    jpeg: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationRequest:
+    """A question the interaction model handed to the background brain (`</response> note </delegation> q`).
+
+    `delegation_id` is unique within the session; `note` is what the model said aloud when it delegated;
+    `frames` are the newest frames, oldest first; `memories` the memory lines retrieved for the question;
+    `stream_time` the stream time of the tick that delegated.
+    """
+
+    session_id: str
+    delegation_id: str
+    question: str
+    note: str = ""
+    frames: tuple[DelegationFrame, ...] = ()
+    memories: tuple[str, ...] = ()
+    stream_time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationReceipt:
+    """The brain's immediate answer to a delegation: taken, or refused (its failed result follows all the same,
+    except for a duplicate id, whose first delegation's result is the one). `deadline`: the wall time
+    (time.time()) by which an accepted delegation's one result will have been delivered."""
+
+    accepted: bool
+    reason: str = ""
+    deadline: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RichPart:
+    """A result that is more than a sentence, shown as its own card: `kind` is one of RICH_KINDS (`table`: a
+    Markdown table; `html`: an HTML page, to be shown sandboxed; `chart`: a Vega-Lite JSON spec)."""
+
+    kind: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationResult:
+    """The one outcome of one delegation.
+
+    `text`: the condensed answer, short enough to be spoken and to sit in a prompt; `full_text`: the whole
+    answer when it is longer than `text` (else empty); `rich`: a table, page or chart, when the answer had one;
+    `reason`: why it is not `done`; `duration_s`: from acceptance to outcome.
+    """
+
+    session_id: str
+    delegation_id: str
+    status: DelegationStatus
+    question: str = ""
+    text: str = ""
+    full_text: str = ""
+    rich: RichPart | None = None
+    reason: str = ""
+    duration_s: float = 0.0
+    stream_time: float = 0.0  # of the tick that delegated
+
+    def prompt_line(self, question_chars: int = 120) -> str:
+        """The result as one line for the session's next prompts (the inbox's `text`)."""
+        question = " ".join(self.question.split())
+        if len(question) > question_chars:
+            question = question[: question_chars - 1].rstrip() + "…"
+        about = f'about "{question}": ' if question else ""
+        if self.status == "done":
+            return about + self.text
+        what = {"failed": "no answer", "timed_out": "no answer in time", "cancelled": "cancelled"}[self.status]
+        return f"{about}{what}" + (f" ({self.reason})" if self.reason else "")
+
+
 M = TypeVar("M")
 
 _NESTED: dict[type, dict[str, type]] = {
     SampleVerdict: {"sample": Sample},
     TickRequest: {"samples": Sample, "dialog": Turn, "lookback": Sample},
+    DelegationRequest: {"frames": DelegationFrame},
+    DelegationResult: {"rich": RichPart},
 }
 
 

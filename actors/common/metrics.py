@@ -1,10 +1,11 @@
-"""Prometheus metrics of the tick path, the sessions and rejected input (exposed at /metrics)."""
+"""Prometheus metrics of the tick path, the sessions, rejected input and delegations (exposed at /metrics)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+DELEGATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class VigilMetrics:
@@ -60,6 +61,26 @@ class VigilMetrics:
             registry=self.registry,
         )
 
+        self.delegations_total = Counter(
+            "vigil_delegations_total",
+            "Delegations to the background brain by outcome: done, failed (refused ones included), timed_out, "
+            "cancelled. Each delegation is counted once.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.delegation_seconds = Histogram(
+            "vigil_delegation_seconds", "Time from a delegation's acceptance to its outcome, by outcome.",
+            ["outcome"], buckets=DELEGATION_BUCKETS, registry=self.registry,
+        )
+        self.delegations_in_flight = Gauge(
+            "vigil_delegations_in_flight", "Delegations running or queued in the brain.", registry=self.registry
+        )
+        self.delegation_deliveries_failed_total = Counter(
+            "vigil_delegation_deliveries_failed_total",
+            "Delegation results that could not be written to the session's inbox.",
+            registry=self.registry,
+        )
+
         self.prompt_tokens = Histogram(
             "vigil_prompt_tokens", "Prompt tokens of each decided tick.",
             buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=self.registry,
@@ -76,6 +97,11 @@ class VigilMetrics:
             return
         self.prompt_tokens.observe(prompt_tokens)
         self.prefix_reuse_ratio.observe(cached_tokens / prompt_tokens)
+
+    def observe_delegation(self, outcome: str, duration_s: float) -> None:
+        """One delegation's outcome (done, failed, timed_out, cancelled) and its time from acceptance."""
+        self.delegations_total.labels(outcome=outcome).inc()
+        self.delegation_seconds.labels(outcome=outcome).observe(duration_s)
 
     def observe_stages(self, stages_ms: dict[str, float]) -> None:
         for stage, ms in stages_ms.items():

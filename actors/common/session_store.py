@@ -13,12 +13,21 @@ from typing import Any, cast
 import msgpack
 import redis.asyncio as redis
 
-from actors.common.messages import SessionRecord, TickOutcome, decode, encode, from_dict, to_dict
+from actors.common.messages import (
+    DelegationResult,
+    SessionRecord,
+    TickOutcome,
+    decode,
+    encode,
+    from_dict,
+    to_dict,
+)
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "vigil:session:"
 INBOX_MAX = 64
+DELEGATION_LOG_MAX = 256
 
 
 class UnknownSession(KeyError):
@@ -169,6 +178,26 @@ class SessionStore:
     async def push_inbox(self, session_id: str, item: dict[str, Any]) -> None:
         """A result for the session's next prompt."""
         await self._push(session_id, "inbox", item)
+
+    async def push_delegation_result(self, result: DelegationResult) -> None:
+        """A delegation's one result, into the session's inbox as
+        `{"kind": "delegation", "text": result.prompt_line(), "result": <the DelegationResult as a dict>}`:
+        `text` is what the next prompts carry, `result` what the page shows (status, reason, rich part).
+        The same step appends it to the session's delegation log, where it is recorded once."""
+        item = {"kind": "delegation", "text": result.prompt_line(), "result": to_dict(result)}
+        packed = msgpack.packb(item, use_bin_type=True)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for part, keep in (("inbox", INBOX_MAX), ("delegations", DELEGATION_LOG_MAX)):
+                key = self._key(result.session_id, part)
+                pipe.rpush(key, packed)
+                pipe.ltrim(key, -keep, -1)
+                pipe.expire(key, self._ttl_s)
+            await pipe.execute()
+
+    async def delegations(self, session_id: str) -> list[DelegationResult]:
+        """The session's recorded delegation results, oldest first (the newest DELEGATION_LOG_MAX)."""
+        raw = await self._redis.lrange(self._key(session_id, "delegations"), 0, -1)
+        return [from_dict(DelegationResult, msgpack.unpackb(item, raw=False)["result"]) for item in raw]
 
     async def push_control(self, session_id: str, item: dict[str, Any]) -> None:
         """A change for the replica that runs the session (it takes it at its next tick)."""

@@ -9,8 +9,10 @@ from typing import Any, Literal
 from actors.common.client_text import ClientTextError, check_client_text
 from actors.common.messages import EngineInfo, TickOutcome
 
-ClientKind = Literal["instruction", "clear_instructions", "question", "recall", "ping", "settings"]
-CLIENT_KINDS: tuple[str, ...] = ("instruction", "clear_instructions", "question", "recall", "ping", "settings")
+ClientKind = Literal["instruction", "clear_instructions", "question", "recall", "ping", "settings", "cancel"]
+CLIENT_KINDS: tuple[str, ...] = ("instruction", "clear_instructions", "question", "recall", "ping", "settings",
+                                 "cancel")
+MAX_DELEGATION_ID_CHARS = 32
 
 
 class ChannelError(ValueError):
@@ -27,6 +29,7 @@ class ClientMessage:
     text: str = ""
     ping_id: str | int | float | None = None
     speak_threshold: float | None = None
+    delegation_id: str = ""
 
 
 def parse_client_message(data: str | bytes, max_bytes: int, max_text_chars: int) -> ClientMessage:
@@ -58,6 +61,8 @@ def parse_client_message(data: str | bytes, max_bytes: int, max_text_chars: int)
         except UnicodeEncodeError:
             raise ChannelError("bad_field", "ping 'id' must be valid Unicode") from None
         return ClientMessage(kind="ping", ping_id=ping_id)
+    if kind == "cancel":
+        return ClientMessage(kind="cancel", delegation_id=parse_delegation_id(payload.get("delegation")))
     if kind == "settings":
         return ClientMessage(kind="settings", speak_threshold=parse_speak_threshold(payload.get("speak_threshold")))
     return ClientMessage(kind=kind)
@@ -68,6 +73,15 @@ def parse_speak_threshold(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
         raise ChannelError("bad_field", "'speak_threshold' must be a number from 0 to 1")
     return float(value)
+
+
+def parse_delegation_id(value: object) -> str:
+    """A delegation's id as a client names it to cancel it: the id its `delegation` message carried."""
+    if not isinstance(value, str) or not value or len(value) > MAX_DELEGATION_ID_CHARS \
+            or not value.replace("-", "").replace("_", "").isalnum() or not value.isascii():
+        raise ChannelError("bad_field", f"cancel 'delegation' must be a delegation's id (letters, digits, - and _, "
+                           f"at most {MAX_DELEGATION_ID_CHARS})")
+    return value
 
 
 def settings_message(speak_threshold: float) -> str:

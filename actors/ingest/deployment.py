@@ -15,13 +15,16 @@ import logging
 import os
 from typing import Any
 
+from prometheus_client import start_http_server
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from actors.brain.deployment import RemoteBrain
 from actors.common.config import VigilConfig
 from actors.common.metrics import VigilMetrics
 from actors.common.replicas import session_affinity
 from actors.common.session_store import SessionStore
+from actors.ingest.delegations import Brain
 from actors.ingest.gateway import Gateway, build_api
 from actors.ingest.ice import restrict_host_addresses
 from actors.ingest.session_loop import TickServices
@@ -32,6 +35,10 @@ from actors.sampler.deployment import InlineSampler, RemoteSampler
 DRAIN_GRACE_S = 1.0  # how long a draining replica gives its clients to read "reconnect" before closing
 
 
+def session_brain(remote: RemoteBrain) -> Brain:
+    return Brain(delegate=remote.delegate, cancel=remote.cancel)
+
+
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5, request_router_config=session_affinity())
 @serve.ingress()
 class Ingest:
@@ -40,20 +47,26 @@ class Ingest:
     async def __init__(
         self,
         config: VigilConfig,
-        sampler: DeploymentHandle,
+        sampler: DeploymentHandle | None,
         interaction: DeploymentHandle,
         memory: DeploymentHandle | None = None,
+        brain: DeploymentHandle | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         restrict_host_addresses(config.ice_host_addresses)
         engine = RemoteEngine(interaction)
         store = SessionStore.from_url(config.redis_url or "", config.session_ttl_s, config.event_log_max)
 
-        frames = InlineSampler(config) if config.sampler == "inline" else RemoteSampler(sampler)
+        frames = RemoteSampler(sampler) if sampler is not None else InlineSampler(config)
         services = TickServices(
             sample=frames.sample, decide=engine.decide, store=store, metrics=VigilMetrics(),
             memory=RemoteMemory(memory) if memory is not None else None,
+            brain=session_brain(RemoteBrain(brain)) if brain is not None else None,
         )
+        if config.metrics_port is not None:
+            # Serve's proxy sends /metrics to any one ingest replica; this port gives each its own scrape target.
+            # The manifest allows one ingest replica per node, so the port is free.
+            start_http_server(config.metrics_port, registry=services.metrics.registry)
         replica = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"
         self.gateway = Gateway(config, store, services, engine, replica)
         await self.gateway.start()

@@ -22,9 +22,11 @@ from actors.common.messages import EngineInfo, SessionRecord, from_dict, to_dict
 from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore, UnknownSession, new_session_id
 from actors.ingest.channel import model_payload, tick_payload
+from actors.ingest.delegation_api import delegation_routes
 from actors.ingest.peer import InvalidOffer, PeerSession, check_offer
 from actors.ingest.quotas import QuotaExceeded, SessionQuotas, client_address, key_id
 from actors.ingest.session_loop import TickServices
+from actors.ingest.turn import client_ice_servers
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,8 @@ class Gateway:
                 "max_sdp_bytes": limits.max_sdp_bytes,
                 "max_tracks": limits.max_tracks,
             },
+            # TURN credentials for the client's peer connection, before it gathers candidates.
+            **client_ice_servers(self.config, record.session_id),
         }
 
     async def _admit(self, session_id: str, address: str, api_key: str | None, ttl_s: int) -> None:
@@ -176,7 +180,7 @@ class Gateway:
             raise ApiError(401, "unauthorized", "missing or wrong session token (Authorization: Bearer)")
         return record
 
-    async def offer(self, record: SessionRecord, body: OfferBody) -> dict[str, str]:
+    async def offer(self, record: SessionRecord, body: OfferBody) -> dict[str, Any]:
         if body.type != "offer":
             raise ApiError(400, "invalid_sdp", f"expected an SDP of type 'offer', got {body.type!r}")
         if record.state == "ended":
@@ -229,7 +233,8 @@ class Gateway:
         # place in its quotas.
         await self.store.update(from_dict(SessionRecord, to_dict(record) | {"state": "live"}))
         await self.quotas.hold(record.session_id, time.time() + self.config.session_ttl_s)
-        return {"type": "answer", "sdp": answer}
+        # Fresh TURN credentials for the client's next peer connection (a reconnect), valid from now.
+        return {"type": "answer", "sdp": answer} | client_ice_servers(self.config, record.session_id)
 
     async def settings(self, record: SessionRecord, body: SessionSettingsBody) -> dict[str, Any]:
         """Change a session's settings, live from its next tick when its peer is on this replica."""
@@ -390,7 +395,7 @@ def build_api(gateway: Gateway) -> FastAPI:
         return await gateway.create_session(body, address, api_key)
 
     @app.post("/v1/sessions/{session_id}/offer")
-    async def offer(session_id: str, request: Request) -> dict[str, str]:
+    async def offer(session_id: str, request: Request) -> dict[str, Any]:
         record = await gateway.authorize(session_id, request)
         body = await read_json(request, OfferBody, max_body)
         return await gateway.offer(record, body)
@@ -415,6 +420,8 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def end(session_id: str, request: Request) -> dict[str, Any]:
         record = await gateway.authorize(session_id, request)
         return await gateway.end(record)
+
+    app.include_router(delegation_routes(gateway))
 
     @app.get("/v1/info")
     async def info() -> dict[str, Any]:

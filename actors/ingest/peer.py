@@ -14,6 +14,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from actors.common.config import VigilConfig
 from actors.common.messages import EngineInfo
 from actors.common.session_store import SessionClock
+from actors.ingest.bitrate import cap_video_bitrate
 from actors.ingest.channel import (
     ChannelError,
     error_message,
@@ -116,7 +117,7 @@ class PeerSession:
             raise InvalidOffer("invalid_sdp", f"the offer could not be answered: {exc}") from None
         self.loop.start()
         self._own(self._watch_loop())
-        return self.pc.localDescription.sdp
+        return cap_video_bitrate(self.pc.localDescription.sdp, self.config.video_max_kbps)
 
     async def _negotiate(self, sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -236,10 +237,22 @@ class PeerSession:
             self._set_instructions((*self.loop.instructions, message.text))
         elif message.kind == "clear_instructions":
             self._set_instructions(())
+        elif message.kind == "cancel":
+            self._own(self._cancel(message.delegation_id))
         elif message.kind == "settings" and message.speak_threshold is not None:
             self.loop.set_speak_threshold(message.speak_threshold)
             if self._on_speak_threshold is not None:
                 self._on_speak_threshold(message.speak_threshold)
+
+    async def _cancel(self, delegation_id: str) -> None:
+        try:
+            cancelled = await self.loop.delegations.cancel(delegation_id)
+        except Exception as exc:
+            log.warning("session %s: cancel of delegation %s failed: %r", self.session_id, delegation_id, exc)
+            self._send(error_message("brain_unavailable", f"the brain did not answer: {type(exc).__name__}"))
+            return
+        if not cancelled:
+            self._send(error_message("not_in_flight", f"no delegation {delegation_id} is in flight"))
 
     def _start_recall(self, question: str) -> None:
         if self.loop.memory is None:

@@ -33,6 +33,7 @@ from actors.common.metrics import VigilMetrics
 from actors.common.replicas import Overloaded, ReplicaFailed
 from actors.common.session_store import SessionClock, SessionStore
 from actors.ingest.channel import error_message, instructions_message, settings_message, tick_message
+from actors.ingest.delegations import Brain, SessionDelegations
 from actors.ingest.frames import ArrivedFrame, LatestFrameBuffer
 from actors.ingest.prompt_window import PromptWindow
 from actors.ingest.untried import FAILURES_TO_TAKE_BACK, Untried
@@ -55,6 +56,7 @@ class TickServices:
     store: SessionStore
     metrics: VigilMetrics
     memory: MemoryClient | None = None
+    brain: Brain | None = None  # None: a delegation ends failed at once, saying no brain is configured
 
 
 def keyframe_samples(keyframes: tuple[tuple[float, bytes], ...]) -> tuple[Sample, ...]:
@@ -140,6 +142,7 @@ class SessionLoop:
         self.closed = asyncio.Event()
         self._lookback_of: MemoryContext | None = None
         self._lookback_samples: tuple[Sample, ...] = ()
+        self.delegations = SessionDelegations(session_id, services.brain, services.store, services.metrics, send)
         self.memory: SessionMemoryLink | None = None
         if services.memory is not None:
             self.memory = SessionMemoryLink(session_id, services.memory, services.metrics, MemoryLinkSettings(
@@ -168,6 +171,7 @@ class SessionLoop:
                     await task
                 except asyncio.CancelledError:
                     pass
+        await self.delegations.close()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         if self.memory is not None:
@@ -255,6 +259,26 @@ class SessionLoop:
             missed_s=self.missed_s,
         )
 
+    async def tick_now(self) -> None:
+        """Run the next tick at once, on the frame the buffer holds, instead of on the schedule: for a session whose
+        frames come with its requests (actors/ingest/http_session.py). Numbered next; its one outcome is recorded
+        and sent like a scheduled tick's."""
+        self.tick += 1
+        await self._run_tick(self.tick)
+
+    async def add_frame(self, rgb: np.ndarray, stream_time: float) -> None:
+        """Sample a frame (RGB at the model's size) into the next prompts, and into memory as a keyframe when the
+        scene changed: what each tick does with its frame, and a request with several frames with the earlier ones."""
+        verdict = await self.services.sample(rgb, stream_time, self._signature, True)
+        self._signature = verdict.signature
+        if verdict.sample is not None:
+            self.prompt.add_frame(verdict.sample)
+            if (verdict.change_score >= self.config.keyframe_change
+                    and stream_time - self._keyframe_at >= self.config.keyframe_every_s):
+                # A camera that keeps moving changes every second: keyframes are rationed, not one a tick.
+                self._keyframe_at = stream_time
+                self._remember("keyframe", "a new scene", stream_time, rgb)  # the sample's pixels, held here
+
     async def _run_tick(self, tick: int) -> None:
         arrived = self.frames.take()
         deadline = time.time() + self.config.decide_timeout_s
@@ -285,19 +309,13 @@ class SessionLoop:
         stream_time = self.frames.stream_time(arrived.arrival)
         rgb = await asyncio.to_thread(frame_to_rgb, arrived.frame, self.config.image_size,
                                       self.config.limits.max_frame_pixels)
-        verdict = await self.services.sample(rgb, stream_time, self._signature, True)
-        self._signature = verdict.signature
-        if verdict.sample is not None:
-            self.prompt.add_frame(verdict.sample)
-            if (verdict.change_score >= self.config.keyframe_change
-                    and stream_time - self._keyframe_at >= self.config.keyframe_every_s):
-                # A camera that keeps moving changes every second: keyframes are rationed, not one a tick.
-                self._keyframe_at = stream_time
-                self._remember("keyframe", "a new scene", stream_time, rgb)  # the sample's pixels, held here
+        await self.add_frame(rgb, stream_time)
         sampled = time.monotonic()
         stages = {"wait": (started - arrived.arrival) * 1000, "sample": (sampled - started) * 1000}
         inbox_items, changes = await self.services.store.pop_pending(self.session_id)
         self._apply(changes)
+        self.delegations.arrived(inbox_items)
+        await self.delegations.overdue()
         inbox = tuple(str(item.get("text", "")) for item in inbox_items)
         for text in inbox:
             self._remember("background", text, stream_time)
@@ -338,6 +356,8 @@ class SessionLoop:
             if decision.question:
                 said = f"{said} (asked the background assistant: {decision.question})"
                 self._delegated = decision.question
+                # Its id is the tick's number: unique for the session's whole life, across resumes.
+                self.delegations.start(str(tick), decision.question, decision.text, stream_time, rgb, memories)
             self._remember("response", said, stream_time)
         return TickOutcome(
             session_id=self.session_id, tick=tick, stream_time=stream_time, outcome=decision.kind,
