@@ -1,4 +1,5 @@
-// Vigil page: shares a camera or screen over WebRTC and shows what Vigil decides every second.
+// Vigil page: shares a camera or screen over WebRTC (or has Vigil play a stream URL or an uploaded file) and shows
+// what Vigil decides every second.
 // The protocol it speaks is docs/protocol.md.
 "use strict";
 
@@ -27,6 +28,9 @@ const ui = {
   responsesEmpty: $("responses-empty"), speak: $("speak-toggle"),
   recallForm: $("recall-form"), recallInput: $("recall-input"), recallAnswer: $("recall-answer"),
   recallQuery: $("recall-query"), recallLines: $("recall-lines"),
+  url: $("source-url"), file: $("source-file"), sourceOptions: $("source-options"),
+  urlField: $("source-url-field"), urlInput: $("source-url-input"), fileField: $("source-file-field"),
+  fileInput: $("source-file-input"), loop: $("source-loop"), sourceState: $("source-state"),
 };
 
 const state = {
@@ -46,6 +50,9 @@ const state = {
   running: false,
   reconnecting: false,
   attempts: 0,     // reconnection attempts since the channel was last open
+  sourceAttached: false,  // a URL or file source was handed to Vigil for this session
+  source: null,           // its newest state (a `source` message)
+  previewUrl: null,       // the object URL of a file shown in the preview
 };
 
 class VigilError extends Error {
@@ -106,13 +113,17 @@ function sessionOfPath(path) {
 
 async function api(method, path, token, body) {
   const headers = {};
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const upload = body instanceof Blob;  // a file goes as it is, its name in x-filename
+  if (upload) {
+    headers["Content-Type"] = body.type || "application/octet-stream";
+    if (body.name) headers["x-filename"] = encodeURIComponent(body.name);
+  } else if (body !== undefined) headers["Content-Type"] = "application/json";
   if (token) headers.Authorization = `Bearer ${token}`;
   const sessionId = sessionOfPath(path);
   if (sessionId) headers["x-session-id"] = sessionId;
   let response;
   try {
-    response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    response = await fetch(path, { method, headers, body: body === undefined || upload ? body : JSON.stringify(body) });
   } catch (err) {
     throw new VigilError("network_error", `Cannot reach Vigil: ${err.message}`);
   }
@@ -166,12 +177,17 @@ async function connectPeer() {
   // The channel must exist before the offer so that the offer carries its m=application section.
   const dc = pc.createDataChannel("vigil");
   state.dc = dc;
-  const track = state.stream.getVideoTracks()[0];
-  pc.addTransceiver(track, {
-    direction: "sendonly",
-    streams: [state.stream],
-    sendEncodings: [{ maxFramerate: MAX_FRAMERATE, maxBitrate: MAX_BITRATE }],
-  });
+  if (state.stream) {
+    const track = state.stream.getVideoTracks()[0];
+    pc.addTransceiver(track, {
+      direction: "sendonly",
+      streams: [state.stream],
+      sendEncodings: [{ maxFramerate: MAX_FRAMERATE, maxBitrate: MAX_BITRATE }],
+    });
+  } else {
+    // Vigil reads the video itself (a URL or an upload): the offer still has its video section, and sends nothing.
+    pc.addTransceiver("video", { direction: "recvonly" });
+  }
   dc.onopen = () => { if (dc === state.dc) onChannelOpen(); };
   dc.onclose = () => { if (dc === state.dc) onConnectionLost("The data channel closed."); };
   dc.onmessage = (event) => { if (dc === state.dc) onMessage(event.data); };
@@ -212,6 +228,7 @@ function onChannelOpen() {
   state.lastMessageAt = Date.now();
   sendPing();
   state.pingTimer = setInterval(sendPing, PING_INTERVAL_MS);
+  if (readsSource()) ensureSource();
   state.silenceTimer = setInterval(() => {
     if (Date.now() - state.lastMessageAt > SILENCE_MS) onConnectionLost("Vigil stopped answering.", { atOnce: true });
   }, 1000);
@@ -291,6 +308,9 @@ function onMessage(data) {
       break;
     case "tick":
       onTick(message);
+      break;
+    case "source":
+      showSource(message);
       break;
     case "recall":
       showRecall(message.query, message.lines || []);
@@ -504,21 +524,112 @@ function speak(text) {
   window.speechSynthesis.speak(new SpeechSynthesisUtterance(text));
 }
 
+// ---------- a source Vigil reads itself: a stream URL or a video file ----------
+
+const SOURCE_STATES = {
+  connecting: "connecting…", playing: "playing", reconnecting: "reconnecting…", ended: "ended", failed: "failed",
+  stopped: "stopped",
+};
+
+function readsSource() {
+  return ui.url.checked || ui.file.checked;
+}
+
+function showSourceOptions() {
+  ui.sourceOptions.hidden = !readsSource();
+  ui.urlField.hidden = !ui.url.checked;
+  ui.fileField.hidden = !ui.file.checked;
+}
+
+function setSourceControlsDisabled(disabled) {
+  for (const control of [ui.camera, ui.screen, ui.url, ui.file, ui.urlInput, ui.fileInput, ui.loop]) {
+    control.disabled = disabled;
+  }
+}
+
+function checkSourceInput() {
+  if (ui.url.checked && !ui.urlInput.value.trim()) {
+    throw new VigilError("invalid_request", "Give the URL of a stream (rtsp://…, http://…) for Vigil to play.");
+  }
+  if (ui.file.checked && !ui.fileInput.files.length) {
+    throw new VigilError("invalid_request", "Choose a video file for Vigil to play.");
+  }
+}
+
+function previewFile() {
+  const empty = ui.preview.closest(".preview").querySelector(".preview-empty");
+  empty.textContent = ui.url.checked ? "Vigil reads this stream itself: no preview here" : "No video shared";
+  if (!ui.file.checked) return;
+  state.previewUrl = URL.createObjectURL(ui.fileInput.files[0]);
+  ui.preview.src = state.previewUrl;
+  ui.preview.loop = ui.loop.checked;
+  ui.preview.play().catch(() => { /* a preview only: Vigil plays the file itself */ });
+  ui.preview.closest(".preview").classList.add("has-video");
+}
+
+function showSource(source) {
+  if (!source || !source.state) return;
+  let text = `${source.source || "Source"}: ${SOURCE_STATES[source.state] || source.state}`;
+  if (source.state === "reconnecting" && source.attempt) {
+    text += ` (try ${source.attempt}${source.retry_in_s ? `, next in ${source.retry_in_s} s` : ""})`;
+  }
+  if (source.reason) text += ` · ${source.reason}`;
+  state.source = source;
+  ui.sourceState.textContent = text;
+  ui.sourceState.dataset.state = source.state;
+  ui.sourceState.hidden = false;
+}
+
+// Hand the URL or the file to Vigil once the channel is open (its state messages come on it). After a reconnection
+// the source is still there on the same replica; on another one (a drain), it is handed over again.
+async function ensureSource() {
+  const { session_id: id, token } = state.session;
+  const path = `v1/sessions/${encodeURIComponent(id)}`;
+  try {
+    if (state.sourceAttached) {
+      try {
+        showSource((await api("GET", `${path}/source`, token)).source);
+        return;
+      } catch (err) {
+        if (err.code !== "no_source") throw err;
+      }
+    }
+    state.sourceAttached = true;
+    state.source = null;
+    const reply = ui.url.checked
+      ? await api("POST", `${path}/source`, token, { url: ui.urlInput.value.trim(), loop: ui.loop.checked })
+      : await api("POST", `${path}/upload?loop=${ui.loop.checked}`, token, ui.fileInput.files[0]);
+    // The reply's state is older than any `source` message that came meanwhile on the channel.
+    if (state.session && state.session.session_id === id && !state.source) showSource(reply.source);
+  } catch (err) {
+    if (!state.session || state.session.session_id !== id) return;
+    reportError(err);
+    await stop({ keepError: true });
+  }
+}
+
 // ---------- user actions ----------
 
 async function start() {
   clearError();
   ui.start.disabled = true;
-  ui.camera.disabled = ui.screen.disabled = true;
+  setSourceControlsDisabled(true);
   state.running = true;
+  state.sourceAttached = false;
+  ui.sourceState.hidden = true;
   setStatus("starting", "Opening the video source…");
   try {
-    state.stream = await openSource();
-    ui.preview.srcObject = state.stream;
-    ui.preview.closest(".preview").classList.add("has-video");
-    const track = state.stream.getVideoTracks()[0];
-    track.addEventListener("ended", () => { if (state.running) stop(); });
-    track.applyConstraints({ frameRate: { max: MAX_FRAMERATE } }).catch(() => { /* the encoder cap still holds */ });
+    if (readsSource()) {
+      checkSourceInput();
+      previewFile();
+    } else {
+      state.stream = await openSource();
+      ui.preview.srcObject = state.stream;
+      ui.preview.closest(".preview").classList.add("has-video");
+      const track = state.stream.getVideoTracks()[0];
+      track.addEventListener("ended", () => { if (state.running) stop(); });
+      track.applyConstraints({ frameRate: { max: MAX_FRAMERATE } }).catch(() => { /* the encoder cap still holds */ });
+    }
 
     setStatus("starting", "Creating a session…");
     const body = state.pending.length ? { instructions: state.pending } : {};
@@ -549,13 +660,24 @@ async function stop({ keepError = false } = {}) {
   if (state.stream) state.stream.getTracks().forEach((track) => track.stop());
   state.stream = null;
   ui.preview.srcObject = null;
+  if (state.previewUrl) {
+    ui.preview.removeAttribute("src");
+    ui.preview.load();
+    URL.revokeObjectURL(state.previewUrl);
+    state.previewUrl = null;
+  }
   ui.preview.closest(".preview").classList.remove("has-video");
+  ui.preview.closest(".preview").querySelector(".preview-empty").textContent = "No video shared";
+  if (state.source && !["ended", "failed", "stopped"].includes(state.source.state)) {
+    showSource({ ...state.source, state: "stopped", reason: null });
+  }
+  state.source = null;
   if ("speechSynthesis" in window) window.speechSynthesis.cancel();
   const session = state.session;
   state.session = null;
   ui.stop.disabled = true;
   ui.start.disabled = false;
-  ui.camera.disabled = ui.screen.disabled = false;
+  setSourceControlsDisabled(false);
   setStatus(keepError && !ui.error.hidden ? "error" : "stopped", keepError && !ui.error.hidden ? "Stopped after an error" : "Stopped");
   if (session) {
     try {
@@ -635,6 +757,8 @@ if (!("speechSynthesis" in window)) {
   ui.speak.parentElement.title = "This browser cannot speak.";
 }
 
+for (const radio of [ui.camera, ui.screen, ui.url, ui.file]) radio.addEventListener("change", showSourceOptions);
+showSourceOptions();
 ui.start.addEventListener("click", start);
 ui.stop.addEventListener("click", () => stop());
 window.addEventListener("pagehide", () => {

@@ -298,7 +298,12 @@ class VigilConfig(BaseModel):
             values["brain"] = brain
         if "redis_url" not in values and os.environ.get("REDIS_URL"):
             values["redis_url"] = os.environ["REDIS_URL"]
-        values.update(overrides or {})
+        for name, value in (overrides or {}).items():
+            # A section in `overrides` (limits, brain) sets its fields over the environment's, not instead.
+            if isinstance(value, dict) and isinstance(values.get(name), dict):
+                values[name] = values[name] | value
+            else:
+                values[name] = value
         config = cls.model_validate(values)
         if not config.is_loopback and config.api_key is None:
             raise ValueError(

@@ -155,5 +155,10 @@ def error_message(code: str, message: str) -> str:
     return _dumps({"type": "error", "code": code, "message": message})
 
 
+def source_message(status: dict[str, Any]) -> str:
+    """The session's video source changed state (actors/ingest/sources.py `SourceStatus.payload`)."""
+    return _dumps({"type": "source", **status})
+
+
 def pong_message(ping_id: str | int | float | None) -> str:
     return _dumps({"type": "pong", "id": ping_id})

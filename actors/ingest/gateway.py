@@ -23,9 +23,11 @@ from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore, UnknownSession, new_session_id
 from actors.ingest.channel import model_payload, tick_payload
 from actors.ingest.delegation_api import delegation_routes
+from actors.ingest.joyai_api import joyai_routes
 from actors.ingest.peer import InvalidOffer, PeerSession, check_offer
 from actors.ingest.quotas import QuotaExceeded, SessionQuotas, client_address, key_id
 from actors.ingest.session_loop import TickServices
+from actors.ingest.source_api import source_routes
 from actors.ingest.turn import client_ice_servers
 
 log = logging.getLogger(__name__)
@@ -422,6 +424,8 @@ def build_api(gateway: Gateway) -> FastAPI:
         return await gateway.end(record)
 
     app.include_router(delegation_routes(gateway))
+    app.include_router(joyai_routes(gateway))  # the JoyAI-compatible streaming API (docs/api.md)
+    app.include_router(source_routes(gateway))  # video from a URL, a file or an upload
 
     @app.get("/v1/info")
     async def info() -> dict[str, Any]:

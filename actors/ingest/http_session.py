@@ -117,6 +117,13 @@ def _name_key(name: str) -> str:
     return NAME_PREFIX + name
 
 
+def _text(value: object) -> str | None:
+    """A Redis reply as text (None stays None)."""
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class HttpSession:
     """One session's SessionLoop (not scheduled: `run` ticks it once per request) and what the requests need
     beside it: the standing query, the frame numbering, the lock."""
@@ -181,12 +188,16 @@ class HttpSession:
         tick = next((m for m in sent if m.get("type") == "tick" and m.get("tick") == self.loop.tick), None)
         if self.loop.lost or tick is None:
             raise SessionMoved(self.session_id)
+        others = [m for m in sent if m is not tick]
+        if str(tick.get("outcome", "")).startswith("skipped:"):
+            # Its answer is an error, which carries no messages: they come with the next answer instead.
+            self._outbox.extend(json.dumps(m, ensure_ascii=False) for m in others)
+            others = []
         decision, request = self._decision, self._request
         return TickResult(
             session_id=self.session_id, tick=tick, raw="" if decision is None else decision.raw,
             memories=() if request is None else request.memories,
-            frame_times=tuple(frame_time.text for frame_time in given),
-            messages=tuple(m for m in sent if m is not tick),
+            frame_times=tuple(frame_time.text for frame_time in given), messages=tuple(others),
         )
 
     async def _ask(self, prompt: str, stream_time: float) -> None:
@@ -243,8 +254,7 @@ class HttpSessions:
 
     async def session_id(self, name: str) -> str | None:
         """The Vigil session behind a name now, if any."""
-        current = await self.store.client.get(_name_key(name))
-        return None if current is None else bytes(current).decode()
+        return _text(await self.store.client.get(_name_key(name)))
 
     async def reset(self, name: str) -> bool:
         """End the named session: its pending delegations are cancelled, its memory released, its quotas freed,
@@ -309,7 +319,8 @@ class HttpSessions:
         if gateway.draining:
             raise Refused(503, "draining", "this replica is shutting down: send the request again to reach another")
         if len(gateway.peers) + len(self.by_name) >= self.config.limits.max_sessions:
-            raise Refused(503, "too_many_sessions", "this replica holds as many sessions as it may (limits.max_sessions)")
+            raise Refused(503, "too_many_sessions", "this replica holds as many sessions as it may "
+                          "(limits.max_sessions)")
         record = None
         for _ in range(3):
             current = await self.session_id(name)
@@ -344,7 +355,7 @@ class HttpSessions:
         await self._admit(session_id, client)
         try:
             holder = await self._claim_name(keys=[_name_key(name)], args=[session_id, stale or "", ttl_s])
-            if bytes(holder).decode() != session_id:
+            if _text(holder) != session_id:
                 await self.gateway.quotas.release(session_id)
                 return None
             record, _ = await self.store.create((), self.config.speak_threshold, session_id=session_id, ttl_s=ttl_s)
@@ -407,7 +418,7 @@ class HttpSessions:
             pipe.expire(KEY_PREFIX + session.session_id, ttl_s)
             current, _, _ = await pipe.execute()
         owner = await self.store.owner(session.session_id)
-        if current is None or bytes(current).decode() != session.session_id or owner != session.owner:
+        if _text(current) != session.session_id or owner != session.owner:
             await self._close(session)
             return False
         now = time.monotonic()

@@ -138,7 +138,7 @@ def frame_times(
     """Each image's time, first found: body `frame_time_ranges` (one per image, in order), else one value from
     header `x-frame-time-range` / `x-streaming-time-range` or body `x_frame_time_range` / `frame_time_range`,
     else a marker in the prompt — one value being the first image's time. None: the session numbers it
-    (its frame index × the frame interval)."""
+    (its frame index times the frame interval)."""
     ranges = body.get("frame_time_ranges")
     if isinstance(ranges, list):
         given = [parse_time(value) for value in ranges[:images]]

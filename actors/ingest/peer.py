@@ -93,6 +93,7 @@ class PeerSession:
         if resumed is not None:
             self.loop.frames.stream_time_offset = resumed.stream_time + self.loop.missed_s
         self.frames = self.loop.frames
+        self.video_from_track = True  # False while a source (actors/ingest/source_sessions.py) feeds it
         self._on_instructions = on_instructions
         self._on_speak_threshold = on_speak_threshold
         self._tasks: set[asyncio.Task[None]] = set()
@@ -167,7 +168,8 @@ class PeerSession:
             except MediaStreamError:
                 return
             if keep:
-                self.frames.put(frame, time.monotonic())
+                if self.video_from_track:
+                    self.frames.put(frame, time.monotonic())
                 self.loop.touch()
 
     # -- data channel --------------------------------------------------------------------------------------

@@ -3,24 +3,34 @@
 Its `serveConfigV2` passes Ray's own `ServeDeploySchema`, builds from `serve_app:app_builder` with its args and
 the environment a Ray pod gets, names only real deployments, and survives the overrides Serve applies at deploy
 time. Each replica fits a pod of the group its label selector names, the groups can grow to every deployment's
-maximum, no replica lands on the head, and an upgrade keeps the old cluster as long as a session lives.
+maximum, no replica lands on the head, and an upgrade keeps the old cluster as long as a session lives. The
+background brain reaches one in-cluster endpoint with its key from a Secret, and the two other ways docs/deploy.md
+describes (turned off; the `engine` backend on a GPU of its own) build graphs the manifest then fits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import os
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from ray import serve
 from ray.serve._private.build_app import build_app  # Serve's own graph walk (Ray is pinned)
 from ray.serve.schema import ServeDeploySchema
 
 import serve_app
+from actors.brain.backends.chat import ChatBackend
+from actors.brain.backends.http import read_api_key
+from actors.brain.deployment import brain_backend
 from actors.common.config import VigilConfig
 from actors.ingest.deployment import DRAIN_GRACE_S
 from tests.deploy.manifests import (
+    DOCS,
     application,
     cluster,
     container_env,
@@ -35,7 +45,7 @@ from tests.deploy.manifests import (
 pytestmark = pytest.mark.unit
 
 SECRETS = {("vigil-api-key", "key"): "from-the-secret", ("vigil-turn", "secret"): "turn-shared-secret",
-           ("vigil-redis", "password"): "0123456789abcdef"}
+           ("vigil-redis", "password"): "0123456789abcdef", ("vigil-brain", "api-key"): "brain-key-from-the-secret"}
 # Ray's "memory" resource is what a pod's memory limit leaves beside its object store (30 % by default).
 OBJECT_STORE_SHARE = 0.3
 GIB = 1024**3
@@ -66,6 +76,12 @@ def _config(monkeypatch: pytest.MonkeyPatch) -> VigilConfig:
     return VigilConfig.from_env(application()["args"])
 
 
+def _graph(monkeypatch: pytest.MonkeyPatch, args: dict[str, Any]) -> set[str]:
+    """The deployments `serve_app:app_builder` binds for these args, in a Ray pod's environment."""
+    _pod_env(monkeypatch)
+    return {d.name for d in build_app(serve_app.app_builder(args), name=application()["name"]).deployments}
+
+
 def test_serve_config_passes_rays_schema_and_builds_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     ServeDeploySchema.model_validate(serve_config())
     app = application()
@@ -75,6 +91,8 @@ def test_serve_config_passes_rays_schema_and_builds_the_graph(monkeypatch: pytes
     assert isinstance(built, serve.Application)
     # Serve refuses options for a deployment the graph does not have; every one it has is configured here.
     assert set(deployments()) == {d.name for d in build_app(built, name=app["name"]).deployments}
+    # The brain is bound (backend openai: no interaction deployment of its own).
+    assert "Brain" in deployments() and "BrainInteraction" not in deployments()
 
 
 def test_serve_accepts_every_override_the_manifest_makes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,8 +130,9 @@ def test_args_say_what_the_deployments_are_configured_with(monkeypatch: pytest.M
     assert config.memory_replicas == configured["Memory"]["num_replicas"]
     scaling = configured["Interaction"]["autoscaling_config"]
     assert scaling["min_replicas"] <= config.interaction_replicas <= scaling["max_replicas"]
+    assert config.brain.backend == "openai"
     for name, cpus in (("Ingest", config.ingest_cpus), ("Memory", config.memory_cpus),
-                       ("Interaction", config.interaction_cpus)):
+                       ("Brain", config.brain_cpus), ("Interaction", config.interaction_cpus)):
         assert configured[name]["ray_actor_options"]["num_cpus"] == cpus, name
     assert config.engine == "vllm" and not config.fallback_to_demo and config.memory
     assert config.sampler == "inline"  # the ingest samples its own frames: no sampler deployment to place
@@ -141,7 +160,7 @@ def _max_replicas(options: dict[str, Any]) -> int:
 
 def test_each_replica_fits_a_pod_of_the_group_it_selects() -> None:
     placed = {name: _group_of(options) for name, options in deployments().items()}
-    assert placed == {"Ingest": "cpu", "Memory": "cpu", "Interaction": "gpu"}
+    assert placed == {"Ingest": "cpu", "Memory": "cpu", "Brain": "cpu", "Interaction": "gpu"}
     for name, options in deployments().items():
         need, capacity = options["ray_actor_options"], _group_capacity(placed[name])
         for resource in ("num_cpus", "num_gpus", "memory"):
@@ -152,12 +171,23 @@ def test_each_replica_fits_a_pod_of_the_group_it_selects() -> None:
         assert resources["requests"] == resources["limits"], group
 
 
-def test_the_groups_can_grow_to_every_deployments_maximum() -> None:
+def _demand(configured: dict[str, dict[str, Any]], size: Any = _max_replicas) -> dict[str, dict[str, float]]:
+    """What the deployments ask of each group, each at `size` replicas (their maximum by default)."""
     demand: dict[str, dict[str, float]] = {}
-    for options in deployments().values():
+    for options in configured.values():
         group = demand.setdefault(_group_of(options), {"num_cpus": 0.0, "num_gpus": 0.0, "memory": 0.0})
         for resource in group:
-            group[resource] += options["ray_actor_options"].get(resource, 0) * _max_replicas(options)
+            group[resource] += options["ray_actor_options"].get(resource, 0) * size(options)
+    return demand
+
+
+def _min_replicas(options: dict[str, Any]) -> int:
+    return options["autoscaling_config"]["min_replicas"] if "autoscaling_config" in options else options["num_replicas"]
+
+
+def test_the_groups_can_grow_to_every_deployments_maximum() -> None:
+    demand = _demand(deployments())
+    assert set(demand) == {"cpu", "gpu"}  # the brain's replicas among the CPU group's
     for name, needed in demand.items():
         spec, capacity = worker_groups()[name], _group_capacity(name)
         assert spec["minReplicas"] <= spec["replicas"] <= spec["maxReplicas"]
@@ -205,3 +235,67 @@ def test_the_pods_configure_vigil_from_the_configmap_and_secrets(monkeypatch: py
     # Every Ray pod reads the same settings (the app is built on the head, replicas run on the workers).
     envs = [container_env(ray_container(group), SECRETS) for group in ray_pod_templates()]
     assert all(env == envs[0] for env in envs)
+
+
+def test_the_brain_reaches_one_in_cluster_endpoint_with_its_key_from_a_secret(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(monkeypatch)
+    brain = config.brain
+    assert brain.backend == "openai" and urlsplit(brain.base_url).hostname
+    # The operator's to change: the guide names it and says what to put there.
+    assert brain.base_url in DOCS.read_text()
+    # The key: in the variable api_key_env names, which every Ray pod gets from a Secret (never a value here).
+    for group in ray_pod_templates():
+        (item,) = [e for e in ray_container(group)["env"] if e["name"] == brain.api_key_env]
+        assert set(item) == {"name", "valueFrom"} and "secretKeyRef" in item["valueFrom"], group
+    assert "brain-key-from-the-secret" not in str(rayservice())
+    key = read_api_key(brain.api_key_env)
+    assert key is not None and key.get_secret_value() == "brain-key-from-the-secret"
+    # The backend a Brain replica makes in that environment: the manifest's endpoint, the key shown nowhere.
+    backend = brain_backend(config)
+    try:
+        assert isinstance(backend, ChatBackend) and backend.base_url == brain.base_url.rstrip("/")
+        assert "brain-key-from-the-secret" not in repr(backend) + repr(config) + config.model_dump_json()
+    finally:
+        asyncio.run(backend.close())
+    # A `brain` in the args replaces every VIGIL_BRAIN_* variable: none in the ConfigMap would be read.
+    env = container_env(ray_container("cpu"), SECRETS)
+    assert [name for name in env if name.startswith("VIGIL_BRAIN_") and name != brain.api_key_env] == []
+
+
+def test_the_brain_turned_off_as_the_guide_says_leaves_the_other_deployments(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # backend none, and the Brain entry removed: Serve would refuse options for a deployment not in the graph.
+    graph = _graph(monkeypatch, application()["args"] | {"brain": {"backend": "none"}})
+    assert graph == set(deployments()) - {"Brain"}
+
+
+def _docs_engine_variant() -> dict[str, Any]:
+    """The change docs/deploy.md gives for the `engine` backend: its YAML block naming BrainInteraction."""
+    blocks = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), flags=re.S)
+    (block,) = [yaml.safe_load(b) for b in blocks if "BrainInteraction" in b]
+    return block
+
+
+def test_the_engine_backend_as_the_guide_gives_it_fits_a_gpu_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    variant = _docs_engine_variant()
+    assert variant["args"]["brain"]["backend"] == "engine" and variant["args"]["brain"]["model"]
+    app = copy.deepcopy(application())
+    app["args"] |= variant["args"]
+    app["deployments"] += variant["deployments"]
+    ServeDeploySchema.model_validate(serve_config() | {"applications": [app]})
+    configured = {d["name"]: d for d in app["deployments"]}
+    assert _graph(monkeypatch, app["args"]) == set(configured) == set(deployments()) | {"BrainInteraction"}
+    brain_engine = configured["BrainInteraction"]
+    assert _group_of(brain_engine) == "gpu" and brain_engine["ray_actor_options"]["num_gpus"] == 1
+    for resource, capacity in _group_capacity("gpu").items():
+        assert brain_engine["ray_actor_options"].get(resource, 0) <= capacity, resource
+    # It costs a GPU more: the guide's GPU group sizes hold the ticks' replicas and it, at their least and most.
+    text = " ".join(DOCS.read_text().split())
+    sizes = re.search(r"set the GPU group's `replicas` and `minReplicas` to (\d+) and its `maxReplicas` to (\d+)", text)
+    assert sizes, "docs/deploy.md gives the GPU group's sizes for the engine backend"
+    least, most = int(sizes.group(1)), int(sizes.group(2))
+    gpus = _group_capacity("gpu")["num_gpus"]
+    assert _demand(configured, _min_replicas)["gpu"]["num_gpus"] == least * gpus
+    assert _demand(configured)["gpu"]["num_gpus"] == most * gpus
+    assert most > worker_groups()["gpu"]["maxReplicas"], "the manifest's GPU group cannot hold it as it is"

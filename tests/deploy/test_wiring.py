@@ -1,6 +1,7 @@
-"""Names that must agree across deploy/ and docs/deploy.md do: the Secrets the manifests read are the ones the
-guide creates, each Redis address reaches its own instance, Services select pods that have their ports, the
-TURN relay and Vigil share a secret, a port and a network, and the monitors scrape ports that exist."""
+"""Names that must agree across deploy/ and docs/deploy.md do: the Secrets the manifests read (the brain's key
+among them) are the ones the guide creates, each Redis address reaches its own instance, Services select pods
+that have their ports, the TURN relay and Vigil share a secret, a port and a network, and the monitors scrape
+ports that exist."""
 
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def test_the_secrets_read_are_the_ones_the_guide_creates() -> None:
     pulled = {ref["name"] for t in ray_pod_templates().values() for ref in t["spec"].get("imagePullSecrets", [])}
     assert pulled <= set(created)
     assert {name for name, _ in referenced} | pulled == set(created), "the guide creates a Secret no one reads"
+    # The brain's key among them: the variable brain.api_key_env names comes from a Secret the guide creates.
+    brain_key = application()["args"]["brain"]["api_key_env"]
+    for group in ray_pod_templates():
+        (item,) = [e for e in ray_container(group)["env"] if e["name"] == brain_key]
+        ref = item["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in created[ref["name"]], group
 
 
 def test_each_redis_address_reaches_its_own_instance_with_a_volume_and_aof() -> None:

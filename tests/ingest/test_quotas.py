@@ -263,3 +263,14 @@ async def test_a_connected_session_outlives_the_short_ttl_and_leaves_its_quota_w
         assert time.monotonic() < deadline, "the closed session still holds its slot"
         await asyncio.sleep(0.1)
     await view.aclose()
+
+
+def test_a_section_in_the_serve_args_sets_fields_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`limits: {...}` or `brain: {...}` in a Serve config's args overrides the fields it names and keeps the
+    ones `VIGIL_LIMITS_*` / `VIGIL_BRAIN_*` set."""
+    monkeypatch.setenv("VIGIL_LIMITS_MAX_SESSIONS_PER_KEY", "7")
+    monkeypatch.setenv("VIGIL_BRAIN_TIMEOUT_S", "30")
+    config = VigilConfig.from_env({"limits": {"max_sessions_per_address": 2},
+                                   "brain": {"backend": "openai", "base_url": "http://brain:8000/v1"}})
+    assert (config.limits.max_sessions_per_key, config.limits.max_sessions_per_address) == (7, 2)
+    assert (config.brain.backend, config.brain.timeout_s) == ("openai", 30.0)
