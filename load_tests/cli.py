@@ -2,9 +2,11 @@
 
     vigil score TIMELINE EXPECTED [--json OUT]     score a recorded timeline against expectations (SW-F1)
     vigil expectations ANNOTATIONS [-o OUT]        convert benchmark annotations to Vigil's expectation format
+    vigil replay VIDEO [--url URL] [--speed S]     run a recording through a Vigil session: its timeline and a report
 
-`docs/replay.md` describes the timeline and expectation formats, the importers and the metric. Exit status: 0
-done; 1 the score is under `--fail-under`; 2 a bad file or argument (one line on stderr saying which and why).
+`docs/replay.md` describes the replay, the timeline and expectation formats, the importers and the metric. Exit
+status: 0 done; 1 the score is under `--fail-under`; 2 a bad file or argument, or a Vigil that cannot be reached or
+refuses (one line on stderr saying which and why).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,9 +124,150 @@ def run_expectations(args: argparse.Namespace) -> int:
     return 0
 
 
-# Each subcommand adds its parser here. `vigil replay VIDEO` (issue 10: run a recording through a session and
-# write its timeline with load_tests.timeline.write_timeline, plus an HTML report) goes in as `add_replay`.
-COMMANDS: tuple[Callable[[Any], None], ...] = (add_score, add_expectations)
+# -- vigil replay -------------------------------------------------------------------------------------------
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_INSTRUCTION = "Tell me when something happens that I should know about."
+SESSION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,120}")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number above 0")
+    return value
+
+
+def _retries(text: str) -> int:
+    if not text.isdigit() or int(text) > 20:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number from 0 to 20")
+    return int(text)
+
+
+def add_replay(commands: Any) -> None:
+    p = commands.add_parser("replay", help="run a recording through a Vigil session; write its timeline and report",
+                            description="Run a video file through a session of a running Vigil, over its "
+                                        "JoyAI-compatible streaming API: every --step-s of video is one request "
+                                        "with that step's frames. Writes the timeline (vigil.timeline JSON, what "
+                                        "`vigil score` reads) and an HTML report, and resets the session at the "
+                                        "end. The API key (--api-key or $VIGIL_API_KEY) is never printed.")
+    p.add_argument("video", type=Path, help="the recording (any file PyAV decodes)")
+    p.add_argument("--url", default=os.environ.get("VIGIL_URL") or DEFAULT_URL,
+                   help=f"Vigil's base URL (default: $VIGIL_URL, else {DEFAULT_URL})")
+    p.add_argument("--instruction", default=DEFAULT_INSTRUCTION,
+                   help=f"the standing instruction, sent with every step (default: {DEFAULT_INSTRUCTION!r})")
+    p.add_argument("--speed", default="fast",
+                   help="fast: the next step as soon as the answer came (default); real: at the video's pace; "
+                        "N: at N times real time")
+    p.add_argument("--fps", type=_positive, default=1.0, help="frames sent per second of video (default 1)")
+    p.add_argument("--step-s", type=_positive, default=1.0,
+                   help="seconds of video per request, one tick each (default 1)")
+    p.add_argument("--max-s", type=_positive, default=None,
+                   help="replay only the video's first MAX_S seconds (default: all of it)")
+    p.add_argument("--session", default=None,
+                   help="the session's name (x-streaming-session; default: a fresh replay-<hex> per run)")
+    p.add_argument("--api-key", default=None, help="Vigil's API key (default: $VIGIL_API_KEY)")
+    p.add_argument("-o", "--timeline", type=Path, default=None,
+                   help="where to write the timeline (default: VIDEO's name + .timeline.json, here)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="where to write the HTML report (default: the timeline's name + .report.html)")
+    p.add_argument("--retries", type=_retries, default=3,
+                   help="retries of a step that got no answer, a 5xx or a busy session (default 3)")
+    p.add_argument("--timeout-s", type=_positive, default=60.0, help="per request (default 60)")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="the progress bar on stderr (auto: when stderr is a terminal)")
+    p.add_argument("--no-reset", action="store_true", help="leave the session open at the end")
+    p.set_defaults(handler=run_replay)
+
+
+def _outputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    timeline: Path = args.timeline or Path(args.video.stem + ".timeline.json")
+    if args.report is not None:
+        return timeline, args.report
+    stem = timeline.name.removesuffix(".json").removesuffix(".timeline")
+    return timeline, timeline.with_name(stem + ".report.html")
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    # Imported here: `vigil score` should not pay for PyAV.
+    from load_tests.progress import Progress
+    from load_tests.recording import ReplayRun, ReplaySettings, finish, replay, speed_of
+    from load_tests.report_html import write_report
+    from load_tests.streaming_client import CallFailed, StreamingClient
+    from load_tests.timeline import write_timeline
+    from load_tests.video_steps import Prefetch, VideoError, probe, read_steps
+
+    try:
+        speed = speed_of(args.speed)
+    except ValueError as exc:
+        raise BadInput(f"--speed {exc}") from None
+    session = args.session or f"replay-{uuid.uuid4().hex[:16]}"
+    if not SESSION_NAME.fullmatch(session):
+        raise BadInput(f"--session {session[:40]!r}: a session name is 1 to 120 of A-Z a-z 0-9 _ . -")
+    if not args.instruction.strip():
+        raise BadInput("--instruction is empty: Vigil stays silent without one")
+    try:
+        info = probe(args.video)
+        client = StreamingClient(args.url, session, args.api_key or os.environ.get("VIGIL_API_KEY") or None,
+                                 args.timeout_s)
+    except VideoError as exc:
+        raise BadInput(str(exc)) from None
+    except ValueError as exc:
+        raise BadInput(f"--url {exc}") from None
+    try:
+        health = client.health()
+    except CallFailed as failure:
+        if failure.status is None:
+            raise BadInput(f"cannot reach Vigil at {args.url}: {failure.message}") from None
+        raise BadInput(f"{args.url} does not answer as Vigil does (is it Vigil's URL?): {failure.message}") from None
+    model = health.get("model") if isinstance(health.get("model"), str) else None
+    settings = ReplaySettings(args.instruction.strip(), args.fps, args.step_s, speed, args.retries,
+                              max_s=args.max_s)
+    duration = info.duration_s
+    if args.max_s is not None:
+        duration = args.max_s if duration is None else min(duration, args.max_s)
+    run = ReplayRun(str(args.video), client.url, session, settings, model, duration)
+    enabled = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
+    progress = Progress(duration, args.video.name, enabled)
+    steps = Prefetch(read_steps(args.video, args.fps, args.step_s, max_s=args.max_s))
+    try:
+        replay(run, steps, client, lambda step: progress.advance(step.tick.t, step.tick.spoke))
+    finally:
+        steps.close()
+        progress.close()
+        if not args.no_reset and any(step.answer is not None for step in run.steps):
+            finish(run, client)
+        client.close()
+    timeline_path, report_path = _outputs(args)
+    if run.steps:
+        try:
+            write_timeline(timeline_path, run.ticks, video=str(args.video), **run.meta())
+            write_report(report_path, run)
+        except OSError as exc:
+            raise BadInput(f"cannot write the results ({exc.__class__.__name__}: {exc})") from None
+    if run.aborted:
+        kept = f"; the {len(run.steps)} steps before are in {timeline_path}" if run.steps else ""
+        if run.interrupted:
+            print(f"vigil replay: {run.aborted}{kept}", file=sys.stderr)
+            return 130
+        raise BadInput(run.aborted + kept)
+    if run.reset is not None:
+        print(f"vigil replay: the session was not reset ({run.reset}); it lapses on its own", file=sys.stderr)
+    figures = run.figures()
+    latency = figures["latency_ms"]
+    pace = f" ({run.replayed_s / run.wall_s:.1f}x real time)" if run.wall_s > 0 else ""
+    print(f"{args.video.name}: {run.replayed_s:.1f} s replayed in {run.wall_s:.1f} s{pace}: {figures['ticks']} ticks, "
+          f"{figures['responses']} responses, {figures['skipped_ticks']} skipped, {figures['retries']} retries; "
+          f"latency p50 {latency['p50']} ms, p95 {latency['p95']} ms")
+    print(f"timeline  {timeline_path}\nreport    {report_path}")
+    return 0
+
+
+# Each subcommand adds its parser here.
+COMMANDS: tuple[Callable[[Any], None], ...] = (add_score, add_expectations, add_replay)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import pytest
 
@@ -19,6 +20,7 @@ from actors.ingest.delegations import Brain
 from actors.ingest.gateway import Gateway, build_api
 from actors.ingest.ice import restrict_host_addresses
 from actors.ingest.session_loop import TickServices
+from actors.interaction.engine import Engine
 from actors.memory.link import MemoryClient
 from actors.sampler.frame_sampler import FrameSampler
 from tests.fakes import LocalEngineHandle, ScriptedEngine, ServerThread, red_pixels
@@ -40,11 +42,14 @@ def red_rule(request) -> Decision:
 
 
 def start_local_vigil(
-    redis: EmbeddedRedis, memory: MemoryClient | None = None, **overrides: object
+    redis: EmbeddedRedis, memory: MemoryClient | None = None, model_engine: Engine | None = None,
+    **overrides: object,
 ) -> tuple[ServerThread, LocalVigil]:
-    config = VigilConfig(redis_url=redis.url, image_size=64, **(LOOPBACK | overrides))
+    """The gateway deciding with `model_engine` (default: a ScriptedEngine answering red with `red_rule`), on
+    frames at 64 px unless `image_size` says otherwise."""
+    config = VigilConfig(**({"redis_url": redis.url, "image_size": 64} | LOOPBACK | overrides))  # type: ignore[arg-type]
     restrict_host_addresses(config.ice_host_addresses)
-    engine = ScriptedEngine(red_rule)
+    engine = model_engine or ScriptedEngine(red_rule)
     asyncio.run(engine.start())
     store = SessionStore.from_url(redis.url, config.session_ttl_s, config.event_log_max)
     sampler = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
@@ -76,7 +81,8 @@ def start_local_vigil(
     gateway = Gateway(config, store, services, handle)
     asyncio.run(gateway.start())
     server = ServerThread(build_api(gateway))
-    return server, LocalVigil(url="", gateway=gateway, engine=engine, config=config, brain=runner)
+    scripted = cast(ScriptedEngine, engine)  # what the tests that script it reach; another engine otherwise
+    return server, LocalVigil(url="", gateway=gateway, engine=scripted, config=config, brain=runner)
 
 
 @pytest.fixture

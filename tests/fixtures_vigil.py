@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from tests.fakes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240.0
+STOP_WAIT_S = 2.0
+STOPPING: list[subprocess.Popen[bytes]] = []
 
 
 @dataclass
@@ -37,7 +39,7 @@ class RunningVigil:
         return [int(pid) for pid in found.stdout.split()]
 
 
-def launch_vigil(workdir: Path, model_dir: Path, **env: str) -> Iterator[RunningVigil]:
+def launch_vigil(workdir: Path, model_dir: Path, **env: str) -> Generator[RunningVigil, None, None]:
     """Start Vigil with `model_dir` as its model; yield once /readyz answers 200; stop it (SIGINT) after."""
     port = free_port()
     log_path = workdir / "vigil.log"
@@ -77,7 +79,44 @@ def launch_vigil(workdir: Path, model_dir: Path, **env: str) -> Iterator[Running
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
-                process.wait(60)
+                process.wait(STOP_WAIT_S)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+                # Its graceful stop (draining, Serve's shutdown) goes on while the next tests run; the session's
+                # end waits for it (`wait_for_stopping_vigils`).
+                STOPPING.append(process)
+
+
+def wait_for_stopping_vigils(timeout_s: float = 60.0) -> None:
+    """Let every Vigil still stopping finish; one that does not in time is killed with its whole session."""
+    while STOPPING:
+        process = STOPPING.pop()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["pkill", "-KILL", "-s", str(process.pid)], check=False)
+            process.wait(10)
+
+
+class SharedVigil:
+    """One Vigil with the demo model for the modules that only watch it work (the browser's and the load
+    generator's, which run one after the other): started by the first test that asks, stopped after the last
+    (`conftest.pytest_runtest_teardown`), so it neither starts twice nor idles beside the rest of the suite."""
+
+    def __init__(self) -> None:
+        self._running: Generator[RunningVigil, None, None] | None = None
+        self.vigil: RunningVigil | None = None
+        self.last_user: str | None = None  # the node id of the last test that uses it (set at collection)
+
+    def get(self, workdir: Path, model_dir: Path) -> RunningVigil:
+        if self.vigil is None:
+            self._running = launch_vigil(workdir, model_dir)
+            self.vigil = next(self._running)
+        return self.vigil
+
+    def stop(self) -> None:
+        if self._running is not None:
+            self._running.close()  # launch_vigil's `finally` stops it
+        self._running, self.vigil = None, None
+
+
+SHARED_DEMO = SharedVigil()

@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from actors.memory.session import parse_clock
 from tests.browser import chromium_page
 from tests.clips import write_trigger_clip
-from tests.fixtures_vigil import RunningVigil, launch_vigil
+from tests.fixtures_vigil import RunningVigil
 
 pytestmark = pytest.mark.e2e
 
@@ -31,9 +30,6 @@ PROBE_JS = """() => [document.getElementById('preview').currentTime,
                     document.querySelectorAll('#timeline .mark').length]"""
 
 
-@pytest.fixture(scope="module")
-def vigil_demo(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[RunningVigil]:
-    yield from launch_vigil(tmp_path_factory.mktemp("vigil-demo"), demo_model_dir)
 
 
 async def _start_watching(page: Any, url: str) -> None:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "vigil:session:"
 INBOX_MAX = 64
+POOL_CONNECTIONS = 64
+POOL_WAIT_S = 5.0
 DELEGATION_LOG_MAX = 256
 
 
@@ -97,8 +99,11 @@ class SessionStore:
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int, event_log_max: int) -> SessionStore:
-        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        return cls(client, ttl_s, event_log_max)
+        # A replica's sessions share one pool. When all its connections are busy (a burst of ticks), a call
+        # waits up to POOL_WAIT_S for one instead of failing at once, as the default pool does past 100.
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_S,
+                                                     socket_timeout=5, socket_connect_timeout=5)
+        return cls(redis.Redis.from_pool(pool), ttl_s, event_log_max)  # closing the client closes its pool
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from actors.common.messages import (
@@ -14,7 +16,7 @@ from actors.common.messages import (
     decode,
     encode,
 )
-from actors.common.session_store import SessionStore, UnknownSession
+from actors.common.session_store import POOL_CONNECTIONS, SessionStore, UnknownSession
 from actors.common.stream_time import clock
 
 pytestmark = pytest.mark.unit
@@ -78,3 +80,13 @@ def test_msgpack_codec_round_trips_and_limits() -> None:
 def test_clock_reads_hours_minutes_seconds() -> None:
     assert clock(3 * 3600 + 14 * 60 + 7.9) == "03:14:07"
     assert clock(59.99) == "00:00:59"
+
+
+async def test_a_burst_past_the_pool_waits_for_connections_rather_than_failing(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """More concurrent calls than the store's connections (as 64 sessions ticking at once): each waits its turn."""
+    store = SessionStore.from_url(redis_server.url, 60, 100)
+    try:
+        results = await asyncio.gather(*(store.pop_pending(f"s_{i}") for i in range(3 * POOL_CONNECTIONS)))
+        assert all(result == ([], []) for result in results)
+    finally:
+        await store.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -26,7 +25,7 @@ from load_tests.runner import LoadRun, Scenario
 from load_tests.server_usage import REPLICA_TITLE, ProcessUsage, VigilProcesses, role_usage
 from load_tests.stream import ReceivedTick, negotiated_video_codec, vp8_preferences
 from load_tests.table import render, write_json
-from tests.fixtures_vigil import RunningVigil, launch_vigil
+from tests.fixtures_vigil import RunningVigil
 
 SMALL = ClipSpec(width=160, height=120, fps=5, seconds=2.0, triggers=(1.0,), trigger_s=0.6, keyframe_s=1.0,
                  bitrate_kbps=200)
@@ -212,9 +211,6 @@ def test_a_run_is_bounded() -> None:
 # -- against a running Vigil -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def vigil_demo(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[RunningVigil]:
-    yield from launch_vigil(tmp_path_factory.mktemp("vigil-load"), demo_model_dir)
 
 
 @pytest.mark.integration
