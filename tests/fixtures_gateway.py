@@ -63,8 +63,9 @@ def start_local_vigil(
     brain = None
     if config.brain.backend != "none":
         # The brain as its deployment runs it (its backend, its runner, results into Redis), in this process.
+        # Its own metrics, as the brain replica has: the ingest counts the outcomes it takes from the inbox.
         runner = BrainRunner.from_config(config.brain, load_backend(config.brain), store.push_delegation_result,
-                                         metrics)
+                                         VigilMetrics())
 
         async def delegate(request: DelegationRequest) -> DelegationReceipt:
             assert runner is not None
@@ -74,7 +75,11 @@ def start_local_vigil(
             assert runner is not None
             return runner.cancel(session_id, delegation_id)
 
-        brain = Brain(delegate=delegate, cancel=cancel)
+        async def cancel_session(session_id: str) -> int:
+            assert runner is not None
+            return runner.cancel_session(session_id)
+
+        brain = Brain(delegate=delegate, cancel=cancel, cancel_session=cancel_session)
     services = TickServices(
         sample=sample, decide=handle.decide, store=store, metrics=metrics, memory=memory, brain=brain
     )

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DelegateFn = Callable[[DelegationRequest], Awaitable[DelegationReceipt]]
 CancelFn = Callable[[str, str], Awaitable[bool]]
+CancelSessionFn = Callable[[str], Awaitable[int]]
 SendFn = Callable[[str], None]
 
 LOST_GRACE_S = 10.0  # after a receipt's deadline, how long a result may still be on its way
@@ -49,6 +50,7 @@ class Brain:
 
     delegate: DelegateFn
     cancel: CancelFn
+    cancel_session: CancelSessionFn  # a session that ends takes its delegations with it
 
 
 def delegation_message(result: DelegationResult) -> str:

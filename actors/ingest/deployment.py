@@ -36,7 +36,7 @@ DRAIN_GRACE_S = 1.0  # how long a draining replica gives its clients to read "re
 
 
 def session_brain(remote: RemoteBrain) -> Brain:
-    return Brain(delegate=remote.delegate, cancel=remote.cancel)
+    return Brain(delegate=remote.delegate, cancel=remote.cancel, cancel_session=remote.cancel_session)
 
 
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5, request_router_config=session_affinity())

@@ -259,6 +259,7 @@ class Gateway:
         await self.store.end(record.session_id)
         await self.quotas.release(record.session_id)
         await self._release_memory(record.session_id)
+        await self._cancel_delegations(record.session_id)
         return {"ok": True, "session_id": record.session_id}
 
     async def recall(self, record: SessionRecord, query: str, k: int) -> dict[str, Any]:
@@ -278,6 +279,19 @@ class Gateway:
         except (TimeoutError, ReplicaFailed) as exc:
             raise ApiError(503, "memory_unavailable", f"memory did not answer ({type(exc).__name__}); retry") from None
         return {"query": query, "lines": list(lines)}
+
+    async def _cancel_delegations(self, session_id: str) -> None:
+        """An ended session's delegations stop at the brain (a peer that merely closes keeps them: its session
+        may resume and take their results from the inbox)."""
+        if self.services.brain is None:
+            return
+        try:
+            cancelled = await asyncio.wait_for(self.services.brain.cancel_session(session_id), 5.0)
+        except Exception as exc:
+            log.info("session %s: delegations not cancelled (%r); they end by their timeout", session_id, exc)
+        else:
+            if cancelled:
+                log.info("session %s: ended with %d delegations cancelled", session_id, cancelled)
 
     async def _release_memory(self, session_id: str) -> None:
         """Free the memory replica's copy; the memory stays in Redis for a session that comes back."""

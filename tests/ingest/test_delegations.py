@@ -201,3 +201,22 @@ async def test_without_a_brain_a_delegation_ends_failed_saying_so(vigil_without_
             await asyncio.sleep(0.05)
     finally:
         await client.close()
+
+
+async def test_ending_a_session_cancels_its_delegations_at_the_brain(
+        vigil_with_brain: LocalVigil, chat: ChatServer) -> None:
+    chat.script.hang = True
+    client = VigilClient(vigil_with_brain.url)
+    await client.connect(SyntheticVideoTrack(_scene, fps=5), instructions=["help with the shopping"])
+    session_id = client.session_id
+    deadline = time.monotonic() + 15
+    assert vigil_with_brain.brain is not None
+    while not vigil_with_brain.brain.in_flight(session_id):
+        assert time.monotonic() < deadline, "the delegation never reached the brain"
+        await asyncio.sleep(0.05)
+    taken = time.monotonic()
+    await client.close()  # DELETE /v1/sessions/{id}
+    while vigil_with_brain.brain.in_flight(session_id):
+        # Well before the brain's own 3 s timeout would have ended it.
+        assert time.monotonic() - taken < 2.0, "the ended session's delegation held its brain slot till its timeout"
+        await asyncio.sleep(0.05)
