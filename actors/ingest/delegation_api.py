@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 
 from actors.common.messages import to_dict
+from actors.ingest.api_error import ApiError
 from actors.ingest.channel import ChannelError, parse_delegation_id
 
 if TYPE_CHECKING:
@@ -17,8 +18,6 @@ CANCEL_TIMEOUT_S = 5.0
 
 
 def delegation_routes(gateway: Gateway) -> APIRouter:
-    from actors.ingest.gateway import ApiError
-
     router = APIRouter()
 
     @router.get("/v1/sessions/{session_id}/delegations")

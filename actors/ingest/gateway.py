@@ -21,6 +21,7 @@ from actors.common.config import VigilConfig
 from actors.common.messages import EngineInfo, SessionRecord, from_dict, to_dict
 from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore, UnknownSession, new_session_id
+from actors.ingest.api_error import ApiError
 from actors.ingest.channel import model_payload, tick_payload
 from actors.ingest.delegation_api import delegation_routes
 from actors.ingest.joyai_api import joyai_routes
@@ -34,17 +35,6 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 WEB_FILES = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
-
-
-class ApiError(Exception):
-    """An HTTP error with the documented body `{"error": {"code", "message"}}`."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 class CreateSessionBody(BaseModel):

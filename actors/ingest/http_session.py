@@ -33,6 +33,7 @@ import numpy as np
 from actors.common.config import VigilConfig
 from actors.common.messages import Decision, SessionRecord, TickRequest
 from actors.common.session_store import KEY_PREFIX, SessionClock, UnknownSession
+from actors.ingest.api_error import ApiError
 from actors.ingest.frames import LatestFrameBuffer
 from actors.ingest.joyai_wire import ChatRequest, FrameTime
 from actors.ingest.quotas import QuotaExceeded, key_id
@@ -64,15 +65,8 @@ return 0
 """
 
 
-class Refused(Exception):
+class Refused(ApiError):
     """A request this replica will not decide: `status` and `code` as the API answers them."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 class SessionMoved(Exception):

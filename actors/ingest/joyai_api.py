@@ -27,6 +27,7 @@ from actors.common.config import Limits
 from actors.common.decisions import format_decision
 from actors.common.messages import Decision, DecisionKind
 from actors.common.session_store import UnknownSession
+from actors.ingest.api_error import ApiError
 from actors.ingest.http_session import Client, HttpSessions, Refused, TickResult
 from actors.ingest.joyai_wire import (
     WireError,
@@ -107,7 +108,7 @@ def harness(result: TickResult, model: str, total_ms: float) -> dict[str, Any]:
 
 def joyai_routes(gateway: Gateway) -> APIRouter:
     """The streaming API over a Gateway: its sessions share the gateway's store, quotas, services and metrics."""
-    from actors.ingest.gateway import ApiError, bearer
+    from actors.ingest.gateway import bearer
 
     sessions = HttpSessions(gateway)
     router = APIRouter(on_shutdown=[sessions.close])
@@ -126,9 +127,7 @@ def joyai_routes(gateway: Gateway) -> APIRouter:
             answer = await work()
         except WireError as exc:
             return failed(400, exc.message, exc.code, exc.param)
-        except Refused as exc:
-            return failed(exc.status, exc.message, exc.code, headers=exc.headers)
-        except ApiError as exc:  # the API key rule
+        except ApiError as exc:  # refused here, or by the API key rule
             return failed(exc.status, exc.message, exc.code, headers=exc.headers)
         except redis.RedisError:
             return failed(503, "the session store (Redis) did not answer; retry", "store_unavailable",

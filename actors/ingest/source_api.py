@@ -21,6 +21,7 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, model_validator
 
 from actors.common.messages import SessionRecord
+from actors.ingest.api_error import ApiError
 from actors.ingest.source_policy import SourceRefused, SourceTarget
 from actors.ingest.source_sessions import SourceSessions
 from actors.ingest.sources import Unplayable, probe_video
@@ -80,7 +81,7 @@ async def receive_upload(request: Request, directory: Path, max_bytes: int) -> P
 
 def source_routes(gateway: Gateway) -> APIRouter:
     """The source routes over `gateway`; the router's lifespan stops every source when the app shuts down."""
-    from actors.ingest.gateway import ApiError, read_json
+    from actors.ingest.gateway import read_json
 
     sources = SourceSessions(gateway)
     policy, settings = sources.policy, sources.settings
@@ -94,9 +95,6 @@ def source_routes(gateway: Gateway) -> APIRouter:
         await sources.close()
 
     router = APIRouter(lifespan=lifespan)
-
-    def refused(exc: SourceRefused) -> ApiError:
-        return ApiError(exc.status, exc.code, exc.message)
 
     def check_live(record: SessionRecord) -> None:
         if record.state == "ended":
@@ -114,16 +112,13 @@ def source_routes(gateway: Gateway) -> APIRouter:
         record = await gateway.authorize(session_id, request)
         body: SourceBody = await read_json(request, SourceBody, config.limits.max_body_bytes)
         check_live(record)
-        try:
-            sources.check_room(record.session_id)
-            if body.url is not None:
-                target = await policy.check_url(body.url, body.loop)
-            else:
-                target = await asyncio.to_thread(policy.check_path, body.path or "", body.loop)
-                await playable(target)
-            attached = await sources.attach(record, target)
-        except SourceRefused as exc:
-            raise refused(exc) from None
+        sources.check_room(record.session_id)  # refusals are ApiErrors: the app answers them
+        if body.url is not None:
+            target = await policy.check_url(body.url, body.loop)
+        else:
+            target = await asyncio.to_thread(policy.check_path, body.path or "", body.loop)
+            await playable(target)
+        attached = await sources.attach(record, target)
         return {"ok": True, "session_id": record.session_id, "source": attached.payload()}
 
     @router.post("/v1/sessions/{session_id}/upload")
@@ -132,20 +127,15 @@ def source_routes(gateway: Gateway) -> APIRouter:
         record = await gateway.authorize(session_id, request)
         check_live(record)
         declared = request.headers.get("content-length")
-        try:
-            policy.check_upload_size(int(declared) if declared and declared.isdigit() else None)
-            sources.check_room(record.session_id)
-            path = await receive_upload(request, upload_dir, policy.max_upload_bytes)
-        except SourceRefused as exc:
-            raise refused(exc) from None
+        policy.check_upload_size(int(declared) if declared and declared.isdigit() else None)
+        sources.check_room(record.session_id)
+        path = await receive_upload(request, upload_dir, policy.max_upload_bytes)
         try:
             target = SourceTarget("upload", str(path), upload_name(request.headers.get("x-filename")), loop)
             await playable(target)
             attached = await sources.attach(record, target, upload=path)
-        except BaseException as exc:
+        except BaseException:
             await asyncio.to_thread(path.unlink, missing_ok=True)
-            if isinstance(exc, SourceRefused):
-                raise refused(exc) from None
             raise
         return {"ok": True, "session_id": record.session_id, "source": attached.payload()}
 

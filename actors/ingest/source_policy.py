@@ -26,6 +26,7 @@ from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from actors.common.config import VigilConfig
+from actors.ingest.api_error import ApiError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -42,14 +43,8 @@ MAX_PATH_CHARS = 4096
 RESOLVE_TIMEOUT_S = 5.0
 
 
-class SourceRefused(Exception):
+class SourceRefused(ApiError):
     """A source a session may not have; `status` and `code` are its HTTP error (docs/protocol.md)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import httpx
 from pydantic import SecretStr
 
 from actors.brain.backend import BackendError
+from actors.common.error_body import error_message_of
 from actors.common.messages import DelegationFrame
 
 REDACTED = "**********"
@@ -51,7 +52,7 @@ def error_reason(response: httpx.Response, api_key: SecretStr | None) -> str:
     """`HTTP <status>: <the server's message>`, short, with the key blanked (some servers echo what they
     refused)."""
     try:
-        message = _message_of(json.loads(response.content))
+        message = error_message_of(json.loads(response.content))
     except ValueError:
         message = response.content[:200].decode("utf-8", errors="replace")
     message = redact(" ".join(message.split())[:200], api_key)
@@ -76,14 +77,3 @@ def json_object(response: httpx.Response, what: str) -> dict[str, Any]:
         raise BackendError(f"{what} did not answer with a JSON object")
     return data
 
-
-def _message_of(data: Any) -> str:
-    # OpenAI and vLLM nest the message under "error"; FastAPI-style servers use "detail".
-    if isinstance(data, dict):
-        for key in ("error", "detail", "message"):
-            value = data.get(key)
-            if isinstance(value, dict):
-                return _message_of(value)
-            if value:
-                return str(value)
-    return "" if data is None else str(data)

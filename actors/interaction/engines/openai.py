@@ -27,6 +27,7 @@ from pydantic import SecretStr
 
 from actors.common.config import VigilConfig
 from actors.common.decisions import RESPONSE, parse_decision
+from actors.common.error_body import error_message_of
 from actors.common.messages import Decision, EngineInfo, TickRequest
 from actors.common.replicas import Overloaded
 from actors.interaction.engine import Engine, EngineError
@@ -394,23 +395,11 @@ class OpenAIEngine(Engine):
         except ValueError:
             reason = response.content[:200].decode("utf-8", errors="replace")
         else:
-            reason = _message_of(data)
+            reason = error_message_of(data)
         reason = " ".join(reason.split())[:200]
         if self._api_key is not None:
             reason = reason.replace(self._api_key.get_secret_value(), "**********")
         return reason
-
-
-def _message_of(data: Any) -> str:
-    # OpenAI and vLLM nest the message under "error"; FastAPI-style servers use "detail".
-    if isinstance(data, dict):
-        for key in ("error", "detail", "message"):
-            value = data.get(key)
-            if isinstance(value, dict):
-                return _message_of(value)
-            if value:
-                return str(value)
-    return str(data)
 
 
 def _transport_reason(exc: BaseException, timeout: float) -> str:
