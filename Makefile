@@ -10,7 +10,7 @@ STAMP := $(VENV)/.vigil-installed
 VLLM_STAMP := $(VENV)/.vigil-vllm-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast lint bench load install system-packages browser clean
+.PHONY: run test test-fast lint bench load soak install system-packages browser clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Vigil needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
@@ -59,6 +59,12 @@ bench: $(STAMP)
 LOAD_ARGS ?= --streams 8 --seconds 30 --json .cache/load/report.json
 load: $(STAMP)
 	$(PY) -m load_tests $(if $(VIGIL_URL),--url $(VIGIL_URL),--start-vigil) $(LOAD_ARGS)
+
+# A soak: 8 streams for 5 minutes, Vigil's vitals every 30 s, a verdict on each and every tick accounted for (exit
+# status 1 when it fails). The hour-long one: make soak SOAK_ARGS="--streams 8 --seconds 3600 --soak-interval-s 60".
+SOAK_ARGS ?= --streams 8 --seconds 300 --soak-interval-s 30 --json .cache/load/soak.json
+soak: $(STAMP)
+	$(PY) -m load_tests $(if $(VIGIL_URL),--url $(VIGIL_URL),--start-vigil) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -85,7 +85,10 @@ class VigilClient:
         await self._offer(track)
 
     async def reconnect(self, track: MediaStreamTrack) -> None:
-        """A new peer connection for the same session (same id and token): Vigil resumes it where it was."""
+        """A new peer connection for the same session (same id and token): Vigil resumes it where it was.
+
+        This is also what follows a failed connection: aiortc has no ICE restart (no `iceRestart` offer, and an
+        ICE transport connects once), so a new offer on the same session takes its place."""
         if self.pc is not None:
             await self.pc.close()
         self.opened = asyncio.Event()
@@ -94,9 +97,7 @@ class VigilClient:
 
     async def _offer(self, track: MediaStreamTrack) -> None:
         self.pc = RTCPeerConnection(rtc_configuration([]))
-        self.channel = self.pc.createDataChannel("vigil")
-        self.channel.on("open", self.opened.set)
-        self.channel.on("message", self._on_message)
+        self._open_channel()
         self._add_track(track)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         reply = await self.http.post(
@@ -112,6 +113,21 @@ class VigilClient:
         await self.pc.setRemoteDescription(answer)
         await asyncio.wait_for(self.opened.wait(), 15.0)
         await asyncio.wait_for(self.greeted.wait(), 15.0)
+
+    async def reopen_channel(self) -> None:
+        """A new data channel on the same peer connection, once the last one has closed: Vigil greets it and the
+        session's messages go on over it."""
+        self.opened = asyncio.Event()
+        self.greeted = asyncio.Event()
+        self._open_channel()
+        await asyncio.wait_for(self.opened.wait(), 15.0)
+        await asyncio.wait_for(self.greeted.wait(), 15.0)
+
+    def _open_channel(self) -> None:
+        assert self.pc is not None
+        self.channel = self.pc.createDataChannel("vigil")
+        self.channel.on("open", self.opened.set)
+        self.channel.on("message", self._on_message)
 
     def _add_track(self, track: MediaStreamTrack) -> None:
         assert self.pc is not None

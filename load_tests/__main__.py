@@ -2,13 +2,15 @@
 
     python -m load_tests --url http://127.0.0.1:8000 --streams 8 --seconds 30 --json .cache/load/report.json
     python -m load_tests --start-vigil --streams 8 --seconds 30          # starts Vigil (demo model) and stops it
+    python -m load_tests --start-vigil --streams 8 --seconds 3600 --soak-interval-s 60 --json soak.json   # a soak
 
 Vigil must gather loopback ICE candidates for a loopback run, e.g.
     VIGIL_ICE_HOST_ADDRESSES=127.0.0.1 VIGIL_ICE_ALLOWED_NETWORKS=127.0.0.0/8 make run
 
 The clip (640x480 at 5 fps by default, a red disc from each --triggers second for --trigger-s) is encoded
 once into --cache-dir and replayed by every stream. The generator lowers its own priority (--nice) and
-stops by itself after --warmup-s + --seconds.
+stops by itself after --warmup-s + --seconds. With --soak-interval-s it is a soak: Vigil's vitals every interval,
+a verdict on each after warm-up and every tick accounted for; the exit status is 1 when the soak fails.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
+import httpx
+
 from load_tests.clip import ClipSpec
-from load_tests.packets import DEFAULT_CACHE_DIR, cached_clip
+from load_tests.packets import DEFAULT_CACHE_DIR, EncodedClip, cached_clip
 from load_tests.runner import CLOSE_TIMEOUT_S, DEFAULT_INSTRUCTIONS, MAX_SECONDS, MAX_STREAMS, LoadRun, Scenario
 from load_tests.server_usage import VigilProcesses
+from load_tests.soak import LEDGER_TIMEOUT_S, MAX_SOAK_SECONDS, SETTLE_S, SoakRun, SoakScenario
+from load_tests.soak_table import render_soak, write_soak_json
 from load_tests.table import render, write_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -69,6 +76,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--progress-s", type=float, default=5.0, help="a progress line on stderr this often")
     run.add_argument("--nice", type=int, default=19, help="the generator's niceness (Ray's workers run at 15)")
     run.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
+    run.add_argument("--soak-interval-s", type=float, default=None,
+                     help="a soak: sample Vigil's processes (RSS, fds, threads, asyncio tasks, peer connections) "
+                          "and the latency this often, judge each after warm-up and check every stream's ticks "
+                          f"(--seconds up to {MAX_SOAK_SECONDS:.0f})")
     clip = p.add_argument_group("clip")
     clip.add_argument("--size", type=_size, default=(640, 480), help="WIDTHxHEIGHT (default 640x480)")
     clip.add_argument("--fps", type=int, default=5)
@@ -89,9 +100,14 @@ def scenario_from(args: argparse.Namespace, url: str) -> Scenario:
                     trigger_s=args.trigger_s, keyframe_s=args.keyframe_s, bitrate_kbps=args.bitrate_kbps,
                     seed=args.seed)
     instructions = tuple(args.instruction) if args.instruction else DEFAULT_INSTRUCTIONS
-    return Scenario(url=url, streams=args.streams, seconds=args.seconds, warmup_s=args.warmup_s, clip=clip,
-                    instructions=instructions, grace_s=args.grace_s, connect_concurrency=args.connect_concurrency,
-                    progress_s=args.progress_s, cache_dir=args.cache_dir, api_key=args.api_key)
+    settings: dict[str, Any] = {
+        "url": url, "streams": args.streams, "seconds": args.seconds, "warmup_s": args.warmup_s, "clip": clip,
+        "instructions": instructions, "grace_s": args.grace_s, "connect_concurrency": args.connect_concurrency,
+        "progress_s": args.progress_s, "cache_dir": args.cache_dir, "api_key": args.api_key,
+    }
+    if args.soak_interval_s is not None:
+        return SoakScenario(**settings, interval_s=args.soak_interval_s)
+    return Scenario(**settings)
 
 
 @contextlib.contextmanager
@@ -135,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         # After starting Vigil, so that it does not inherit the lower priority.
         lower_priority(args.nice)
         scenario = scenario_from(args, url)
+        if isinstance(scenario, SoakScenario):
+            return soak(scenario, clip, processes, args.json)
         load = LoadRun(scenario, clip, processes)
         budget = scenario.connect_budget_s + scenario.warmup_s + scenario.seconds + CLOSE_TIMEOUT_S + 30.0
         try:
@@ -147,6 +165,24 @@ def main(argv: list[str] | None = None) -> int:
         write_json(report, args.json)
         print(f"\nreport written to {args.json}", file=sys.stderr)
     return 0
+
+
+def soak(scenario: SoakScenario, clip: EncodedClip, processes: VigilProcesses | None, json_path: Path | None) -> int:
+    """Run a soak, print its load report and verdict; 0 when it passed, 1 when not."""
+    run = SoakRun(scenario, clip, processes)
+    budget = (scenario.connect_budget_s + scenario.warmup_s + scenario.seconds + CLOSE_TIMEOUT_S + SETTLE_S
+              + LEDGER_TIMEOUT_S + 30.0)
+    try:
+        report = asyncio.run(asyncio.wait_for(run.soak(), budget))
+    except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
+        print(f"[soak] failed: {exc or 'over the time budget'}", file=sys.stderr)
+        return 1
+    print(render(report.load) + "\n")
+    print(render_soak(report))
+    if json_path is not None:
+        write_soak_json(report, json_path)
+        print(f"\nsoak report written to {json_path}", file=sys.stderr)
+    return 0 if report.passed else 1
 
 
 if __name__ == "__main__":

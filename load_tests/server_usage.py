@@ -40,13 +40,14 @@ class RoleUsage:
     rss_growth_mb: float
 
 
-def replica_role(process: psutil.Process, app: str) -> str | None:
+def replica_role(process: psutil.Process, app: str, roles: Iterable[str] | None = ROLES) -> str | None:
+    """The deployment a replica process of `app` runs, if it is one of `roles` (None: any)."""
     try:
         title = " ".join(process.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
     match = REPLICA_TITLE.search(title)
-    if match is None or match["app"] != app or match["role"] not in ROLES:
+    if match is None or match["app"] != app or (roles is not None and match["role"] not in roles):
         return None
     return match["role"]
 
@@ -92,9 +93,9 @@ class VigilProcesses:
                     pass
         return psutil.process_iter()
 
-    def replicas(self) -> dict[int, str]:
-        """pid → role of every replica found now."""
-        return {p.pid: role for p in self._candidates() if (role := replica_role(p, self.app)) is not None}
+    def replicas(self, roles: Iterable[str] | None = ROLES) -> dict[int, str]:
+        """pid → role of every replica of `roles` (None: of every deployment) found now."""
+        return {p.pid: role for p in self._candidates() if (role := replica_role(p, self.app, roles)) is not None}
 
     def sample(self) -> dict[int, ProcessUsage]:
         samples = {}

@@ -61,11 +61,18 @@ class LoadStream(VigilClient):
         self.received: list[ReceivedTick] = []
         self.codec: str | None = None
         self.error: str | None = None
+        # Monotonic times around connecting and closing: the session ticked for a time between them.
+        self.connect_began: float | None = None
+        self.connected_at: float | None = None
+        self.closing_at: float | None = None
+        self.closed_at: float | None = None
         self._pinger: asyncio.Task[None] | None = None
 
     async def connect(self, track: MediaStreamTrack | None = None, instructions: list[str] | None = None) -> None:
         """Create the session, offer the replay track (send-only, VP8 only) and wait for its `hello`."""
+        self.connect_began = time.monotonic()
         await super().connect(track or self.track, instructions)
+        self.connected_at = time.monotonic()
         self._pinger = asyncio.get_running_loop().create_task(self._ping(), name=f"load-ping-{self.index}")
 
     def _add_track(self, track: MediaStreamTrack) -> None:
@@ -103,12 +110,14 @@ class LoadStream(VigilClient):
                 self.send({"type": "ping", "id": count})
 
     async def close(self, end_session: bool = True) -> None:
+        self.closing_at = time.monotonic()
         if self._pinger is not None:
             self._pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pinger
         self.track.stop()
         await super().close(end_session)
+        self.closed_at = time.monotonic()
 
 
 def negotiated_video_codec(sdp: str) -> str | None:

@@ -10,6 +10,7 @@ from typing import cast
 import pytest
 
 from actors.brain.backends import load_backend
+from actors.brain.runner import FOLLOW_WAIT_S
 from actors.brain.runner import Brain as BrainRunner
 from actors.common.config import VigilConfig
 from actors.common.embedded_redis import EmbeddedRedis
@@ -79,7 +80,11 @@ def start_local_vigil(
             assert runner is not None
             return runner.cancel_session(session_id)
 
-        brain = Brain(delegate=delegate, cancel=cancel, cancel_session=cancel_session)
+        async def follow(session_id: str, delegation_id: str) -> bool:
+            assert runner is not None
+            return await runner.follow(session_id, delegation_id, FOLLOW_WAIT_S)
+
+        brain = Brain(delegate=delegate, cancel=cancel, cancel_session=cancel_session, follow=follow)
     services = TickServices(
         sample=sample, decide=handle.decide, store=store, metrics=metrics, memory=memory, brain=brain
     )

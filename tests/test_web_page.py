@@ -3,8 +3,8 @@
 Pins down what needs no backend: the page loads cleanly and shows every control under its stable id; a
 refused session (401 with the documented error body) is shown to the user and leaves nothing running;
 instructions typed before Start travel in the session request; the fake camera plays the clip; and the page
-draws ticks, responses, latency, errors and the demo-model note from data-channel messages as the protocol
-describes them.
+draws ticks (a tick sent again, by its key, once), responses, latency, errors and the demo-model note from
+data-channel messages as the protocol describes them.
 """
 
 from __future__ import annotations
@@ -298,3 +298,19 @@ async def test_delegation_results_fill_their_card_and_rich_parts_are_sandboxed(w
         assert "No answer in time: no answer in 120 s" in await other.inner_text()
         unexpected = [e for e in browser.console_errors() if "sandboxed" not in e and "script" not in e.lower()]
         assert unexpected == [], browser.log()
+
+
+async def test_a_tick_whose_key_was_shown_is_not_shown_again(web_server: StaticServer) -> None:
+    def tick(number: int, outcome: str = "silent", text: str = "") -> dict:
+        return {"type": "tick", "tick": number, "key": f"s_test:{number}", "stream_time": float(number),
+                "outcome": outcome, "text": text, "question": "", "latency_ms": 90.0}
+
+    sent = [tick(1), tick(2, "respond", "A red disc."), tick(2, "respond", "A red disc."), tick(3), tick(1)]
+    async with chromium_page(origin=web_server.url.rstrip("/")) as browser:
+        page = browser.page
+        await page.goto(web_server.url)
+        await page.evaluate("(ms) => ms.forEach((m) => onMessage(JSON.stringify(m)))", sent)
+        marks = page.locator("#timeline .mark")
+        assert [await marks.nth(i).get_attribute("data-tick") for i in range(await marks.count())] == ["1", "2", "3"]
+        assert await page.locator("#responses .response").count() == 1, "a response sent again is shown once"
+        assert browser.console_errors() == [], browser.log()

@@ -11,7 +11,13 @@ const MAX_BITRATE = 400_000; // what Vigil asks for in its answer (VIGIL_VIDEO_M
 const MAX_MARKS = 900;
 const MAX_RESPONSES = 200;
 const LATENCY_WINDOW = 60;
-const RECONNECT_ATTEMPTS = 5;
+// Tries to connect again, 1 s, 2 s, ... apart (at most RECONNECT_MAX_WAIT_MS): about a minute in all, more than
+// a network outage that fails the connection lasts (ICE gives up on a silent path after ~30 s). There is no ICE
+// restart: Vigil's aiortc cannot take one, so each try is a new peer connection on the same session and token.
+const RECONNECT_ATTEMPTS = 15;
+const RECONNECT_MAX_WAIT_MS = 5000;
+// A new connection whose data channel is not open by then found no path through the network: try again.
+const OPEN_TIMEOUT_MS = 10000;
 // Vigil sends a tick message every second while it runs the session: this long without any message means its
 // replica is gone (WebRTC itself notices only after many seconds), and the page connects again to resume.
 const SILENCE_MS = 4000;
@@ -53,6 +59,7 @@ const state = {
   sourceAttached: false,  // a URL or file source was handed to Vigil for this session
   source: null,           // its newest state (a `source` message)
   previewUrl: null,       // the object URL of a file shown in the preview
+  shownTicks: new Set(),  // the keys ("<session_id>:<tick>") of the ticks shown, newest MAX_MARKS
 };
 
 class VigilError extends Error {
@@ -206,6 +213,9 @@ async function connectPeer() {
   if (answer.iceServers) state.session.iceServers = answer.iceServers;  // fresh ones for a reconnect
   await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
   setStatus("connecting", "Connecting…");
+  setTimeout(() => {
+    if (pc === state.pc && dc.readyState !== "open") onConnectionLost("The connection did not open.");
+  }, OPEN_TIMEOUT_MS);
 }
 
 function closePeer() {
@@ -242,7 +252,7 @@ async function onConnectionLost(reason, { atOnce = false } = {}) {
     const attempt = ++state.attempts;
     setStatus("reconnecting", `Reconnecting (${attempt}/${RECONNECT_ATTEMPTS})…`);
     // A replica that drains asks for it: the first try goes at once, to another replica.
-    await sleep(atOnce && attempt === 1 ? 0 : 1000 * attempt);
+    await sleep(atOnce && attempt === 1 ? 0 : Math.min(1000 * attempt, RECONNECT_MAX_WAIT_MS));
     if (!state.running) break;
     try {
       await connectPeer();
@@ -369,7 +379,17 @@ function outcomeClass(outcome) {
   return String(outcome).startsWith("skipped") ? "skipped" : String(outcome);
 }
 
+// A tick is shown once: one whose key was shown already (a message sent again) is left out.
+function firstShowing(tick) {
+  if (typeof tick.key !== "string") return true;
+  if (state.shownTicks.has(tick.key)) return false;
+  state.shownTicks.add(tick.key);
+  if (state.shownTicks.size > MAX_MARKS) state.shownTicks.delete(state.shownTicks.values().next().value);
+  return true;
+}
+
 function onTick(tick) {
+  if (!firstShowing(tick)) return;
   const kind = outcomeClass(tick.outcome);
   const latency = typeof tick.latency_ms === "number" ? tick.latency_ms : NaN;
   const mark = document.createElement("span");

@@ -2,7 +2,8 @@
 
 `delegate` answers at once (accepted, or refused with the reason); the delegation runs in the replica's
 background and its one result lands in the session's inbox in Redis (`SessionStore.push_delegation_result`).
-A session's calls reach the replica its id hashes to, so a `cancel` finds the delegation it names.
+A session's calls reach the replica its id hashes to, so a `cancel` finds the delegation it names, and a `follow`
+is held on the replica that runs it (its failing tells the session at once that the replica was lost).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.brain.backend import BrainBackend
 from actors.brain.backends import load_backend
+from actors.brain.runner import FOLLOW_WAIT_S
 from actors.brain.runner import Brain as BrainRunner
 from actors.common.config import VigilConfig
 from actors.common.messages import DelegationReceipt, DelegationRequest
@@ -73,6 +75,12 @@ class Brain:
     async def cancel_session(self, session_id: str) -> int:
         return self.brain.cancel_session(session_id)
 
+    async def follow(self, session_id: str, delegation_id: str) -> bool:
+        """Held while the delegation runs here (at most FOLLOW_WAIT_S): True when it is still in flight (ask
+        again), False once its result is delivered or when it is not in flight here. The session that holds
+        this call learns at once when this replica is lost, instead of at the receipt's deadline."""
+        return await self.brain.follow(session_id, delegation_id, FOLLOW_WAIT_S)
+
     async def ready(self) -> None:
         """Readiness: Redis answers and the backend can answer now (raises saying which is not)."""
         async with asyncio.timeout(CALL_TIMEOUT_S):
@@ -90,8 +98,9 @@ class Brain:
 
 class RemoteBrain:
     """The brain deployment seen from a role that delegates: each call routed by session id and bounded by
-    CALL_TIMEOUT_S (`Overloaded` past it); a lost replica is `ReplicaFailed`. A delegation whose receipt was
-    accepted but whose result has not arrived by the receipt's `deadline` was lost with its replica."""
+    CALL_TIMEOUT_S (`Overloaded` past it); a lost replica is `ReplicaFailed`. The caller follows each accepted
+    delegation (`follow`), so the loss of the replica that runs it shows at once; one whose result has not
+    arrived by the receipt's `deadline` was lost with its replica all the same."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
@@ -109,6 +118,13 @@ class RemoteBrain:
         routed = self.handle.options(session_id=session_id)
         return int(await self._bounded(routed.cancel_session.remote(session_id), "cancel_session"))
 
+    async def follow(self, session_id: str, delegation_id: str) -> bool:
+        """True while the delegation is still in flight on the replica the session's calls reach (ask again);
+        `ReplicaFailed` when that replica was lost meanwhile."""
+        routed = self.handle.options(session_id=session_id)
+        call = routed.follow.remote(session_id, delegation_id)
+        return bool(await self._bounded(call, "follow", FOLLOW_WAIT_S + CALL_TIMEOUT_S))
+
     async def ready(self) -> None:
         await self._bounded(self.handle.ready.remote(), "ready")
 
@@ -116,11 +132,11 @@ class RemoteBrain:
         await self._bounded(self.handle.check_health.remote(), "check_health")
 
     @staticmethod
-    async def _bounded(response: Any, call: str) -> Any:
+    async def _bounded(response: Any, call: str, timeout_s: float = CALL_TIMEOUT_S) -> Any:
         try:
-            return await asyncio.wait_for(call_replica(response), CALL_TIMEOUT_S)
+            return await asyncio.wait_for(call_replica(response), timeout_s)
         except TimeoutError:
             cancel = getattr(response, "cancel", None)
             if cancel is not None:
                 cancel()
-            raise Overloaded(f"the brain did not answer {call} within {CALL_TIMEOUT_S:g} s") from None
+            raise Overloaded(f"the brain did not answer {call} within {timeout_s:g} s") from None

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from actors.brain.answer import SPOKEN_MAX_CHARS, bound_answer
@@ -35,6 +35,8 @@ Sink = Callable[[DelegationResult], Awaitable[None]]
 CANCEL_GRACE_S = 5.0
 DELIVERY_TIMEOUT_S = 5.0
 DELIVERY_ATTEMPTS = 3
+# A `follow` is held this long at most, so that a replica that drains is not held up by the calls following it.
+FOLLOW_WAIT_S = 2.0
 QUESTION_MAX_CHARS = 1000
 
 CANCELLED_BY_USER = "cancelled by the user"
@@ -50,6 +52,7 @@ class _Delegation:
     work: asyncio.Task[BrainAnswer]
     cancel_reason: str = ""
     settled: bool = False  # the supervisor has decided its outcome
+    delivered: asyncio.Event = field(default_factory=asyncio.Event)  # its result has been handed to the sink
 
 
 class Brain:
@@ -129,6 +132,17 @@ class Brain:
         """Cancel every delegation of a session (it ended); how many were cancelled."""
         ids = [delegation_id for sid, delegation_id in self._delegations if sid == session_id]
         return sum(self.cancel(session_id, delegation_id, reason) for delegation_id in ids)
+
+    async def follow(self, session_id: str, delegation_id: str, wait_s: float) -> bool:
+        """Wait up to `wait_s` for a delegation in flight here to have its result delivered: True when it is
+        still in flight after that (ask again), False once delivered or when none by that id is in flight here.
+        A caller that holds this call learns of the replica's loss from the call failing."""
+        delegation = self._delegations.get((session_id, delegation_id))
+        if delegation is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(delegation.delivered.wait(), wait_s)
+        return not delegation.delivered.is_set()
 
     def in_flight(self, session_id: str | None = None) -> int:
         """Delegations running or waiting for a slot (of one session, or of all)."""
@@ -227,7 +241,10 @@ class Brain:
         if self._per_session[key[0]] <= 0:
             del self._per_session[key[0]]
         self.metrics.delegations_in_flight.set(len(self._delegations))
-        await self._deliver(result)
+        try:
+            await self._deliver(result)
+        finally:
+            delegation.delivered.set()
 
     def _outcome(self, delegation: _Delegation) -> DelegationResult:
         work, request, accepted_at = delegation.work, delegation.request, delegation.accepted_at

@@ -136,6 +136,18 @@ class VigilConfig(BaseModel):
         "name then starts a new session",
     )
     event_log_max: int = 50_000
+    redis_tick_timeout_s: float = Field(
+        default=0.25, gt=0.0, description="a tick waits this long for Redis (its pending inbox, its outcome's write) "
+        "before it goes on without: the inbox is read again next tick, the outcome is written behind",
+    )
+    redis_http_timeout_s: float = Field(
+        default=0.5, gt=0.0, description="an HTTP call whose Redis does not answer this soon is refused with "
+        "503 redis_unavailable (and Retry-After) rather than left hanging",
+    )
+    outcome_buffer: int = Field(
+        default=300, ge=1, description="tick outcomes a session holds while Redis is out of reach, written in "
+        "order once it is back; past it they are dropped (counted) and one skipped:unlogged outcome marks them",
+    )
     heartbeat_timeout_s: float = 30.0
     decide_timeout_s: float = Field(
         default=10.0, gt=0.0,

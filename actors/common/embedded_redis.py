@@ -28,5 +28,10 @@ class EmbeddedRedis:
             return f"redis://127.0.0.1:{self.port}/0"
         return f"unix://{self.socket_path}?db=0"
 
+    @property
+    def pid(self) -> int:
+        """The redis-server's process id."""
+        return int(self._server.pid)
+
     def shutdown(self) -> None:
         self._server.shutdown()

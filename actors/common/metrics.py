@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -81,6 +84,23 @@ class VigilMetrics:
             registry=self.registry,
         )
 
+        self.outcomes_held_total = Counter(
+            "vigil_outcomes_held_total",
+            "Tick outcomes sent to the client before they reached the event log (Redis did not answer in time); "
+            "held in their session's buffer, they land in order when Redis is back.",
+            registry=self.registry,
+        )
+        self.outcomes_dropped_total = Counter(
+            "vigil_outcomes_dropped_total",
+            "Tick outcomes the client heard that never reached the event log: their session's buffer was full "
+            "while Redis was out of reach (a skipped:unlogged outcome in the log stands for them), or its peer "
+            "closed before Redis was back.",
+            registry=self.registry,
+        )
+        self.outcomes_pending = Gauge(
+            "vigil_outcomes_pending", "Tick outcomes held for the event log, waiting for Redis.", registry=self.registry
+        )
+
         self.prompt_tokens = Histogram(
             "vigil_prompt_tokens", "Prompt tokens of each decided tick.",
             buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=self.registry,
@@ -90,6 +110,31 @@ class VigilMetrics:
             "Share of each decided tick's prompt tokens that the engine's prefix cache served.",
             buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0), registry=self.registry,
         )
+
+        # Counted at each scrape (watch_event_loop): what a long run watches for leaks.
+        self.asyncio_tasks = Gauge(
+            "vigil_asyncio_tasks", "Asyncio tasks not yet done on the event loop that serves the ingest's API.",
+            registry=self.registry,
+        )
+        self.peer_connections = Gauge(
+            "vigil_peer_connections",
+            "WebRTC peer connections of this ingest replica not yet closed, whether or not a session still holds them.",
+            registry=self.registry,
+        )
+
+    def watch_event_loop(self, loop: asyncio.AbstractEventLoop, open_peer_connections: Callable[[], int]) -> None:
+        """Count the serving loop's tasks and the open peer connections at each scrape. `loop` is the serving loop as
+        seen at start, for a scrape from a thread without one (the metrics port's)."""
+
+        def tasks() -> float:
+            try:
+                serving = asyncio.get_running_loop()  # scraped through the API: the loop that runs it
+            except RuntimeError:
+                serving = loop
+            return float(len(asyncio.all_tasks(serving)))
+
+        self.asyncio_tasks.set_function(tasks)
+        self.peer_connections.set_function(lambda: float(open_peer_connections()))
 
     def observe_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
         """One decided tick's prompt size and the share of it its engine's prefix cache served (0 without one)."""

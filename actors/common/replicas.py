@@ -8,6 +8,7 @@ so every handle-side client turns what Ray raises into `ReplicaFailed` or `Overl
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import ray
@@ -37,6 +38,21 @@ def session_affinity() -> RequestRouterConfig:
         request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",  # type: ignore[arg-type]
         request_router_kwargs={"num_fallback_replicas": 1},
     )
+
+
+async def taken_by_replica(response: Any, within_s: float, what: str) -> Any:
+    """The ObjectRef of a call (a `DeploymentResponse`) once a replica has taken it; `Overloaded` when none did
+    within `within_s` (every replica busy, or every one lost and no replacement up yet: Serve would hold the call
+    until one is) or when the deployment's queue is full. `what` names the call in the error."""
+    try:
+        return await asyncio.wait_for(response._to_object_ref(), within_s)
+    except TimeoutError:
+        response.cancel()
+        raise Overloaded(f"no replica took {what} within {within_s:g} s") from None
+    except BackPressureError as exc:
+        raise Overloaded(str(exc)) from exc
+    except REPLICA_LOST as exc:
+        raise ReplicaFailed(str(exc)) from exc
 
 
 async def call_replica(response: Any) -> Any:

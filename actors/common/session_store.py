@@ -36,6 +36,12 @@ class UnknownSession(KeyError):
     """No live session has this id."""
 
 
+# What a call to Redis raises when Redis is out of reach: stalled (no answer in time), restarting (connection
+# refused or reset), or gone. The call may be tried again once it is back.
+REDIS_UNREACHABLE: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, OSError, TimeoutError)
+
+
 @dataclass(frozen=True, slots=True)
 class SessionClock:
     """Where a session's ticks stopped: its newest recorded tick, that tick's stream time, and when (wall time).
@@ -49,12 +55,16 @@ class SessionClock:
     wall_time: float
 
 
-# Appends an outcome only while `owner` still holds the session, and moves the session's clock forward (ticks
-# can be recorded out of order: a busy tick is logged while the tick before it still runs). Returns 1 if
-# recorded, 0 if another replica has taken the session over. An empty owner (a loop run without a claim, as
-# in a one-process tool) records unconditionally.
+# Appends an outcome only while `owner` still holds the session, once per tick, and moves the session's clock
+# forward (ticks can be recorded out of order: a busy tick is logged while the tick before it still runs).
+# Returns 1 if recorded, 2 if this tick was recorded before (a write replayed after its reply was lost: the
+# `…:recorded` bitmap, one bit per tick, is its idempotency key), 0 if another replica has taken the session
+# over. An empty owner (a loop run without a claim, as in a one-process tool) records unconditionally.
 _RECORD_OUTCOME = """
 if ARGV[1] ~= '' and redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+local seen = redis.call('setbit', KEYS[4], ARGV[3], 1)
+redis.call('expire', KEYS[4], ARGV[7])
+if seen == 1 then return 2 end
 redis.call('rpush', KEYS[2], ARGV[2])
 redis.call('ltrim', KEYS[2], -tonumber(ARGV[6]), -1)
 redis.call('expire', KEYS[2], ARGV[7])
@@ -65,6 +75,23 @@ end
 redis.call('expire', KEYS[3], ARGV[7])
 if ARGV[1] ~= '' then redis.call('expire', KEYS[1], ARGV[7]) end
 return 1
+"""
+
+# Takes every pending inbox item and control change, and keeps what it took under the read's id: the same read
+# asked again (its reply was lost: Redis stalled, or the reader gave up waiting) gets the same items instead of
+# nothing. A read with a new id forgets the previous one's. KEYS: inbox, control, taken id, taken inbox, taken
+# control; ARGV: the read's id, the TTL.
+_TAKE_PENDING = """
+if redis.call('get', KEYS[3]) == ARGV[1] then
+  return {redis.call('lrange', KEYS[4], 0, -1), redis.call('lrange', KEYS[5], 0, -1)}
+end
+local inbox = redis.call('lrange', KEYS[1], 0, -1)
+local control = redis.call('lrange', KEYS[2], 0, -1)
+redis.call('del', KEYS[4], KEYS[5])
+if #inbox > 0 then redis.call('rename', KEYS[1], KEYS[4]); redis.call('expire', KEYS[4], ARGV[2]) end
+if #control > 0 then redis.call('rename', KEYS[2], KEYS[5]); redis.call('expire', KEYS[5], ARGV[2]) end
+redis.call('set', KEYS[3], ARGV[1], 'EX', ARGV[2])
+return {inbox, control}
 """
 
 # Gives the session up only if `owner` still holds it.
@@ -78,6 +105,11 @@ def new_session_id() -> str:
     return "s_" + secrets.token_hex(12)
 
 
+def new_read_id() -> str:
+    """A fresh id for `SessionStore.pop_pending`."""
+    return secrets.token_hex(8)
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -87,7 +119,9 @@ class SessionStore:
 
     Keys: `vigil:session:<id>` (record), `…:events` (tick outcomes, a list), `…:inbox` (pending results),
     `…:control` (settings changed on another replica), `…:owner` (the peer that runs its ticks: replica and
-    connection) and `…:clock` (where its ticks stopped). Every key carries the session TTL, refreshed on writes.
+    connection), `…:clock` (where its ticks stopped), `…:recorded` (a bit per tick recorded: each tick is logged
+    once) and `…:taken*` (what the latest pending read took, for that read asked again). Every key carries the
+    session TTL, refreshed on writes.
     """
 
     def __init__(self, client: redis.Redis, ttl_s: int, event_log_max: int) -> None:
@@ -95,6 +129,7 @@ class SessionStore:
         self._ttl_s = ttl_s
         self._event_log_max = event_log_max
         self._record_outcome = client.register_script(_RECORD_OUTCOME)
+        self._take_pending = client.register_script(_TAKE_PENDING)
         self._release = client.register_script(_RELEASE)
 
     @classmethod
@@ -245,22 +280,27 @@ class SessionStore:
         await self._release(keys=[self._key(session_id, "owner")], args=[owner])
 
     async def record_outcome(self, outcome: TickOutcome, owner: str) -> bool:
-        """Append one outcome to the event log if `owner` still holds the session; False if it does not."""
-        keys = [self._key(outcome.session_id, part) for part in ("owner", "events", "clock")]
+        """Append one outcome to the event log if `owner` still holds the session; False if it does not.
+
+        Idempotent per session and tick: a tick recorded before is not appended again (True all the same), so a
+        write whose reply was lost can be sent again."""
+        keys = [self._key(outcome.session_id, part) for part in ("owner", "events", "clock", "recorded")]
         args: list[bytes | str | int] = [
             owner, encode(outcome), outcome.tick, repr(outcome.stream_time), repr(outcome.wall_time),
             self._event_log_max, self._ttl_s,
         ]
         return bool(await self._record_outcome(keys=keys, args=args))
 
-    async def pop_pending(self, session_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Take every pending inbox item and control change, atomically, in one round trip."""
-        inbox, control = self._key(session_id, "inbox"), self._key(session_id, "control")
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.lrange(inbox, 0, -1)
-            pipe.lrange(control, 0, -1)
-            pipe.delete(inbox, control)
-            results, changes, _ = await pipe.execute()
+    async def pop_pending(
+        self, session_id: str, read_id: str | None = None,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Take every pending inbox item and control change, atomically, in one round trip.
+
+        `read_id` names the read: asked again with the same id (the reply was lost, or the caller stopped
+        waiting for it), Redis answers with what that read took, which is then not lost. Use a new id for each
+        read once one has answered (default: a new one)."""
+        keys = [self._key(session_id, part) for part in
+                ("inbox", "control", "taken", "taken_inbox", "taken_control")]
+        results, changes = await self._take_pending(keys=keys, args=[read_id or new_read_id(), self._ttl_s])
         return ([msgpack.unpackb(item, raw=False) for item in results],
                 [msgpack.unpackb(item, raw=False) for item in changes])
-

@@ -127,10 +127,16 @@ def instructions_message(instructions: tuple[str, ...]) -> str:
     return _dumps({"type": "instructions", "items": list(instructions)})
 
 
+def tick_key(session_id: str, tick: int) -> str:
+    """A tick's idempotency key: the same for the message, its `/events` entry and any replay of either."""
+    return f"{session_id}:{tick}"
+
+
 def tick_payload(outcome: TickOutcome, latency_ms: float) -> dict[str, Any]:
     return {
         "type": "tick",
         "tick": outcome.tick,
+        "key": tick_key(outcome.session_id, outcome.tick),
         "stream_time": round(outcome.stream_time, 3),
         "outcome": outcome.outcome,
         "text": outcome.text,

@@ -4,8 +4,9 @@ to the client as it arrives, and make sure every delegation ends in exactly one 
 The brain records a delegation's one result in Redis (the session's delegation log) and puts it in the
 session's inbox, from which the next tick's prompt carries it. Two things the brain cannot do are done here:
 a delegation the brain never took (no brain configured, the call failed) gets its failed result from this
-session, and one taken by a brain replica that was lost before answering gets its failed result once the
-receipt's deadline has passed (plus a grace), so that no delegation is left without an outcome.
+session, and one taken by a brain replica that was lost before answering gets its failed result from here too:
+at once when the call that follows it on that replica fails (`Brain.follow`), else once the receipt's deadline
+has passed (plus a grace), so that no delegation is left without an outcome.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from actors.common.messages import (
     to_dict,
 )
 from actors.common.metrics import VigilMetrics
+from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,11 @@ log = logging.getLogger(__name__)
 DelegateFn = Callable[[DelegationRequest], Awaitable[DelegationReceipt]]
 CancelFn = Callable[[str, str], Awaitable[bool]]
 CancelSessionFn = Callable[[str], Awaitable[int]]
+FollowFn = Callable[[str, str], Awaitable[bool]]
 SendFn = Callable[[str], None]
 
 LOST_GRACE_S = 10.0  # after a receipt's deadline, how long a result may still be on its way
+BRAIN_LOST = "the brain replica was lost before it answered"
 JPEG_QUALITY = 85
 
 
@@ -51,6 +55,9 @@ class Brain:
     delegate: DelegateFn
     cancel: CancelFn
     cancel_session: CancelSessionFn  # a session that ends takes its delegations with it
+    # Held on the replica that runs a delegation: True while it is still in flight there; `ReplicaFailed` when
+    # that replica was lost. None: a lost replica shows only at the receipt's deadline.
+    follow: FollowFn | None = None
 
 
 def delegation_message(result: DelegationResult) -> str:
@@ -116,6 +123,41 @@ class SessionDelegations:
             # A refused delegation's failed result comes from the brain all the same.
             deadline = receipt.deadline if receipt.accepted else time.time()
             self.pending[delegation_id] = (question, stream_time, deadline + LOST_GRACE_S)
+        if receipt.accepted:
+            await self._follow(delegation_id, question, stream_time)
+
+    async def _follow(self, delegation_id: str, question: str, stream_time: float) -> None:
+        """Hold a call on the brain replica that runs the delegation until it has answered: when that replica
+        is lost, the delegation fails now rather than at its receipt's deadline."""
+        if self.brain is None or self.brain.follow is None:
+            return
+        while delegation_id in self.pending:
+            try:
+                if not await self.brain.follow(self.session_id, delegation_id):
+                    return  # answered (its result is on its way), or another replica runs it
+            except ReplicaFailed:
+                log.warning("session %s: the brain replica running delegation %s was lost", self.session_id,
+                            delegation_id)
+                await self._lost(delegation_id, question, stream_time)
+                return
+            except Exception as exc:  # not followed any more: the receipt's deadline still stands
+                log.info("session %s: delegation %s not followed: %r", self.session_id, delegation_id, exc)
+                return
+
+    async def _lost(self, delegation_id: str, question: str, stream_time: float) -> None:
+        """Fail, once, a delegation whose brain replica died, unless its result was recorded before it did."""
+        try:
+            recorded = any(result.delegation_id == delegation_id
+                           for result in await self.store.delegations(self.session_id))
+        except Exception as exc:
+            log.warning("session %s: delegation log unreadable (%r); delegation %s failed as lost", self.session_id,
+                        exc, delegation_id)
+            recorded = False
+        if recorded or delegation_id not in self.pending or delegation_id in self._given_up:
+            return
+        self.pending[delegation_id] = (question, stream_time, float("inf"))
+        self._given_up.add(delegation_id)
+        await self._fail(delegation_id, question, stream_time, BRAIN_LOST)
 
     async def _fail(self, delegation_id: str, question: str, stream_time: float, reason: str) -> None:
         """Record a failed result the brain could not record itself; it reaches the client with the next tick."""
@@ -138,7 +180,7 @@ class SessionDelegations:
                 # Its failed result is on its way to the inbox; it is not failed twice.
                 self.pending[delegation_id] = (question, stream_time, float("inf"))
                 self._given_up.add(delegation_id)
-                await self._fail(delegation_id, question, stream_time, "the brain was lost before it answered")
+                await self._fail(delegation_id, question, stream_time, BRAIN_LOST)
 
     def arrived(self, items: list[dict[str, Any]]) -> None:
         """Inbox items a tick took: each delegation result is shown to the client, once."""

@@ -36,7 +36,8 @@ DRAIN_GRACE_S = 1.0  # how long a draining replica gives its clients to read "re
 
 
 def session_brain(remote: RemoteBrain) -> Brain:
-    return Brain(delegate=remote.delegate, cancel=remote.cancel, cancel_session=remote.cancel_session)
+    return Brain(delegate=remote.delegate, cancel=remote.cancel, cancel_session=remote.cancel_session,
+                 follow=remote.follow)
 
 
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5, request_router_config=session_affinity())
@@ -57,7 +58,7 @@ class Ingest:
         engine = RemoteEngine(interaction)
         store = SessionStore.from_url(config.redis_url or "", config.session_ttl_s, config.event_log_max)
 
-        frames = RemoteSampler(sampler) if sampler is not None else InlineSampler(config)
+        frames = RemoteSampler(sampler, config) if sampler is not None else InlineSampler(config)
         services = TickServices(
             sample=frames.sample, decide=engine.decide, store=store, metrics=VigilMetrics(),
             memory=RemoteMemory(memory) if memory is not None else None,

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+import weakref
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from aiortc import RTCPeerConnection
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.common.client_text import ClientTextError, check_client_text
 from actors.common.config import VigilConfig
@@ -27,6 +32,7 @@ from actors.ingest.delegation_api import delegation_routes
 from actors.ingest.joyai_api import joyai_routes
 from actors.ingest.peer import InvalidOffer, PeerSession, check_offer
 from actors.ingest.quotas import QuotaExceeded, SessionQuotas, client_address, key_id
+from actors.ingest.redis_bound import quietly_within, ready_within, redis_unavailable, redis_within
 from actors.ingest.session_loop import TickServices
 from actors.ingest.source_api import source_routes
 from actors.ingest.turn import client_ice_servers
@@ -76,11 +82,21 @@ class Gateway:
         self.peers: dict[str, PeerSession] = {}
         self.draining = False  # shutting down: sessions move to other replicas, none start here
         self._closers: set[asyncio.Task[None]] = set()
+        # Every peer connection made here, while it lives: one that no session holds but is still open is a leak.
+        self._peer_connections: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
         limits = config.limits
         self.quotas = SessionQuotas(store.client, limits.max_sessions_per_key, limits.max_sessions_per_address)
 
     async def start(self) -> None:
         self.engine_info = await self.engine.info()
+        self.services.metrics.watch_event_loop(asyncio.get_running_loop(), self.open_peer_connections)
+
+    def open_peer_connections(self) -> int:
+        """Peer connections made here and not closed yet (also read from the metrics port's thread)."""
+        for _ in range(2):
+            with contextlib.suppress(RuntimeError):  # the set changed while another thread read it
+                return sum(pc.connectionState != "closed" for pc in list(self._peer_connections))
+        return sum(pc.connectionState != "closed" for pc in list(self._peer_connections))
 
     async def shutdown(self, grace_s: float = 1.0) -> None:
         """Drain: every client is told to reconnect (it resumes on another replica), then its peer closes."""
@@ -119,11 +135,14 @@ class Gateway:
         threshold = self.config.speak_threshold if body.speak_threshold is None else body.speak_threshold
         instructions = self._check_instructions(body.instructions)
         session_id, ttl_s = new_session_id(), self.config.unconnected_session_ttl_s
-        await self._admit(session_id, address, api_key, ttl_s)
+        async with self.redis_within("session not created"):
+            await self._admit(session_id, address, api_key, ttl_s)
         try:
-            record, token = await self.store.create(instructions, threshold, session_id=session_id, ttl_s=ttl_s)
+            async with self.redis_within("session not created"):
+                record, token = await self.store.create(instructions, threshold, session_id=session_id,
+                                                        ttl_s=ttl_s)
         except BaseException:
-            await self.quotas.release(session_id)
+            await quietly_within(self.config.redis_http_timeout_s, self.quotas.release(session_id))
             raise
         self.services.metrics.sessions_created_total.inc()
         limits = self.config.limits
@@ -163,9 +182,14 @@ class Gateway:
                 headers={"Retry-After": str(exc.retry_after_s)},
             ) from None
 
+    def redis_within(self, what: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Bound a request's Redis calls: out of time or out of reach, it is refused with 503 redis_unavailable."""
+        return redis_within(self.config.redis_http_timeout_s, what)
+
     async def authorize(self, session_id: str, request: Request) -> SessionRecord:
         try:
-            record = await self.store.authenticate(session_id, bearer(request))
+            async with self.redis_within("session not checked"):
+                record = await self.store.authenticate(session_id, bearer(request))
         except UnknownSession:
             raise ApiError(404, "unknown_session", f"no session {session_id!r} (ended or expired?)") from None
         if record is None:
@@ -193,11 +217,12 @@ class Gateway:
             raise ApiError(503, "too_many_sessions", "this replica is full")
         # A session whose peer closed left its quotas: connecting again counts it again, if there is room.
         unconnected_ttl_s = self.config.unconnected_session_ttl_s
-        await self._counted(self.quotas.readmit(record.session_id, time.time() + unconnected_ttl_s),
-                            unconnected_ttl_s)
-        # From here on only this peer's ticks are recorded: a peer elsewhere that still runs stops at its next.
         owner = f"{self.replica}/{uuid.uuid4().hex[:12]}"
-        resumed = await self.store.claim(record.session_id, owner)
+        async with self.redis_within("offer not taken"):
+            await self._counted(self.quotas.readmit(record.session_id, time.time() + unconnected_ttl_s),
+                                unconnected_ttl_s)
+            # From here on only this peer's ticks are recorded: a peer elsewhere that still runs stops at its next.
+            resumed = await self.store.claim(record.session_id, owner)
         if resumed is not None:
             log.info("session %s resumes after tick %d at stream time %.1f s", record.session_id, resumed.tick,
                      resumed.stream_time)
@@ -208,6 +233,7 @@ class Gateway:
             on_speak_threshold=lambda value: self._own(self._save_settings(record.session_id, value)),
             owner=owner, resumed=resumed,
         )
+        self._peer_connections.add(peer.pc)
         self.peers[record.session_id] = peer
         try:
             answer = await peer.accept(body.sdp)
@@ -219,12 +245,18 @@ class Gateway:
             self.peers.pop(record.session_id, None)
             await peer.close()
             raise
+        try:
+            # Live: the record gets the full session TTL (it was created with the unconnected one), and so does
+            # its place in its quotas.
+            async with self.redis_within("offer not taken"):
+                await self.store.update(from_dict(SessionRecord, to_dict(record) | {"state": "live"}))
+                await self.quotas.hold(record.session_id, time.time() + self.config.session_ttl_s)
+        except ApiError:
+            self.peers.pop(record.session_id, None)
+            self._own(peer.close())  # in the background: its journal waits a little for Redis
+            raise
         self.services.metrics.active_sessions.set(len(self.peers))
         self._own(self._forget_when_closed(peer))
-        # Live: the record gets the full session TTL (it was created with the unconnected one), and so does its
-        # place in its quotas.
-        await self.store.update(from_dict(SessionRecord, to_dict(record) | {"state": "live"}))
-        await self.quotas.hold(record.session_id, time.time() + self.config.session_ttl_s)
         # Fresh TURN credentials for the client's next peer connection (a reconnect), valid from now.
         return {"type": "answer", "sdp": answer} | client_ice_servers(self.config, record.session_id)
 
@@ -233,12 +265,13 @@ class Gateway:
         if record.state == "ended":
             raise ApiError(404, "unknown_session", f"session {record.session_id} has ended")
         peer = self.peers.get(record.session_id)
+        async with self.redis_within("settings not changed"):
+            if peer is None:
+                # Its peer runs on another replica (or none yet): that replica takes the change at its next tick.
+                await self.store.push_control(record.session_id, {"speak_threshold": body.speak_threshold})
+            await self._save_settings(record.session_id, body.speak_threshold)
         if peer is not None:
             peer.loop.set_speak_threshold(body.speak_threshold)
-        else:
-            # Its peer runs on another replica (or none yet): that replica takes the change at its next tick.
-            await self.store.push_control(record.session_id, {"speak_threshold": body.speak_threshold})
-        await self._save_settings(record.session_id, body.speak_threshold)
         return {"ok": True, "session_id": record.session_id, "speak_threshold": body.speak_threshold}
 
     async def end(self, record: SessionRecord) -> dict[str, Any]:
@@ -246,8 +279,9 @@ class Gateway:
         if peer is not None:
             await peer.close()
         self.services.metrics.active_sessions.set(len(self.peers))
-        await self.store.end(record.session_id)
-        await self.quotas.release(record.session_id)
+        async with self.redis_within("session not ended"):
+            await self.store.end(record.session_id)
+            await self.quotas.release(record.session_id)
         await self._release_memory(record.session_id)
         await self._cancel_delegations(record.session_id)
         return {"ok": True, "session_id": record.session_id}
@@ -294,26 +328,19 @@ class Gateway:
 
     async def events(self, record: SessionRecord, after: int, limit: int) -> dict[str, Any]:
         limit = max(1, min(limit, 1000))
-        outcomes = await self.store.outcomes(record.session_id, after=after, limit=limit)
+        async with self.redis_within("event log not read"):
+            outcomes = await self.store.outcomes(record.session_id, after=after, limit=limit)
         return {"events": [tick_payload(o, o.stages_ms.get("total", 0.0)) | {"replica": o.replica} for o in outcomes]}
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        status: dict[str, Any] = {}
-        try:
-            status["redis"] = await asyncio.wait_for(self.store.ping(), 2.0)
-        except Exception as exc:
-            status["redis"] = f"unavailable: {exc}"
-        try:
-            await asyncio.wait_for(self.engine.check_health(), 5.0)
-            status["engine"] = True
-        except Exception as exc:
-            status["engine"] = f"unavailable: {exc}"
+        """Each dependency checked at once, all together, each bounded (redis_bound.READY_CHECK_TIMEOUT_S): a
+        stalled one makes readiness 503 within that, not hang it."""
+        checks: dict[str, Callable[[], Awaitable[object]]] = {
+            "redis": self.store.ping, "engine": self.engine.check_health}
         if self.services.memory is not None:
-            try:
-                await asyncio.wait_for(self.services.memory.check_health(), 5.0)
-                status["memory"] = True
-            except Exception as exc:
-                status["memory"] = f"unavailable: {exc}"
+            checks["memory"] = self.services.memory.check_health
+        results = await asyncio.gather(*(ready_within(check) for check in checks.values()))
+        status: dict[str, Any] = dict(zip(checks, results, strict=True))
         ok = all(value is True for value in status.values())
         return ok, status | {"ok": ok}
 
@@ -382,6 +409,14 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         metrics.http_rejected_total.labels(code=exc.code).inc()
         return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_unreachable(_: Request, exc: Exception) -> JSONResponse:
+        # A Redis call no route bounded (redis_bound.py) that failed all the same: a 503 too, not a 500.
+        refusal = redis_unavailable("request not served", exc)
+        metrics.http_rejected_total.labels(code=refusal.code).inc()
+        return error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -175,10 +175,15 @@ class PeerSession:
     # -- data channel --------------------------------------------------------------------------------------
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
-        if channel.label != CHANNEL_LABEL or self.channel is not None:
+        # One channel at a time; one the client opens again on the same peer connection, once its last one has
+        # closed, takes that one's place (with a hello of its own) and the session goes on.
+        current = self.channel
+        if channel.label != CHANNEL_LABEL or (current is not None and current.readyState not in ("closing", "closed")):
             self.services.metrics.channel_rejected_total.labels(reason="unknown_channel").inc()
             channel.close()
             return
+        if current is not None:
+            log.info("session %s: a new data channel replaces the one that closed", self.session_id)
         self.channel = channel
         channel.on("message", self._on_message)
         if channel.readyState == "open":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import logging
@@ -31,15 +32,18 @@ from actors.common.messages import (
 )
 from actors.common.metrics import VigilMetrics
 from actors.common.replicas import Overloaded, ReplicaFailed
-from actors.common.session_store import SessionClock, SessionStore
+from actors.common.session_store import SessionClock, SessionStore, new_read_id
 from actors.ingest.channel import error_message, instructions_message, settings_message, tick_message
 from actors.ingest.delegations import Brain, SessionDelegations
 from actors.ingest.frames import ArrivedFrame, LatestFrameBuffer
+from actors.ingest.outcome_journal import JournalSettings, OutcomeJournal
 from actors.ingest.prompt_window import PromptWindow
 from actors.ingest.untried import FAILURES_TO_TAKE_BACK, Untried
 from actors.memory.link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
 
 log = logging.getLogger(__name__)
+
+JOURNAL_CLOSE_S = 3.0  # a closing session's held outcomes get this long to land (Redis may still be out)
 
 SampleFn = Callable[[np.ndarray, float, bytes | None, bool], Awaitable[SampleVerdict]]
 DecideFn = Callable[[TickRequest], Awaitable[Decision]]
@@ -140,6 +144,17 @@ class SessionLoop:
         self._inflight: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
+        # The event log is written behind when Redis does not answer in time (actors/ingest/outcome_journal.py).
+        self.journal = OutcomeJournal(
+            session_id, lambda outcome: services.store.record_outcome(outcome, self.owner), services.metrics,
+            JournalSettings(capacity=config.outcome_buffer, wait_s=config.redis_tick_timeout_s),
+            on_refused=self._held_elsewhere,
+        )
+        # The pending inbox and control read, owned here: one at a time, never cancelled, its id kept until it
+        # answers (asked again with that id, Redis hands back what it took), so what it takes is never lost.
+        self._reading: asyncio.Task[tuple[list[dict[str, Any]], list[dict[str, Any]]]] | None = None
+        self._read_id = new_read_id()
+        self._reads_late = False  # the last read did not answer in time: the next ticks do not wait for one
         self._lookback_of: MemoryContext | None = None
         self._lookback_samples: tuple[Sample, ...] = ()
         self.delegations = SessionDelegations(session_id, services.brain, services.store, services.metrics, send)
@@ -171,9 +186,14 @@ class SessionLoop:
                     await task
                 except asyncio.CancelledError:
                     pass
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a read no tick will take
+                await self._reading
         await self.delegations.close()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.journal.close(JOURNAL_CLOSE_S)
         if self.memory is not None:
             await self.memory.close()
         self.closed.set()
@@ -312,10 +332,10 @@ class SessionLoop:
         await self.add_frame(rgb, stream_time)
         sampled = time.monotonic()
         stages = {"wait": (started - arrived.arrival) * 1000, "sample": (sampled - started) * 1000}
-        inbox_items, changes = await self.services.store.pop_pending(self.session_id)
+        inbox_items, changes = await self._take_pending()
         self._apply(changes)
         self.delegations.arrived(inbox_items)
-        await self.delegations.overdue()
+        self._own_write(self.delegations.overdue())  # its failed results go to Redis, behind the tick
         inbox = tuple(str(item.get("text", "")) for item in inbox_items)
         for text in inbox:
             self._remember("background", text, stream_time)
@@ -397,6 +417,32 @@ class SessionLoop:
         except Exception as exc:
             log.warning("session %s: instructions taken back but not saved: %r", self.session_id, exc)
 
+    async def _take_pending(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The inbox items and control changes waiting in Redis, or none this tick when Redis does not answer
+        within `redis_tick_timeout_s` (no wait at all while it keeps not answering): the read goes on, and the
+        next tick takes what it brought, or asks again with the same id."""
+        if self._reading is None:
+            self._reading = asyncio.create_task(self.services.store.pop_pending(self.session_id, self._read_id),
+                                                name=f"pending-{self.session_id}")
+        wait = 0.0 if self._reads_late else self.config.redis_tick_timeout_s
+        done, _ = await asyncio.wait({self._reading}, timeout=wait)
+        if not done:
+            if not self._reads_late:
+                log.warning("session %s: Redis did not answer the pending read in %.2f s; ticks go on without it",
+                            self.session_id, wait)
+            self._reads_late = True
+            return [], []
+        reading, self._reading = self._reading, None
+        try:
+            taken = reading.result()
+        except Exception as exc:  # out of reach: the same read is asked again next tick
+            log.debug("session %s: pending read failed: %r", self.session_id, exc)
+            self._reads_late = True
+            return [], []
+        self._reads_late = False
+        self._read_id = new_read_id()
+        return taken
+
     def _apply(self, changes: list[dict[str, Any]]) -> None:
         """Settings changed through another replica while this one runs the session."""
         for change in changes:
@@ -440,19 +486,25 @@ class SessionLoop:
 
     async def _log(self, outcome: TickOutcome) -> None:
         """Append the outcome to the session's event log while this peer still holds the session, then send it:
-        a tick that another replica's peer now numbers is never shown twice."""
+        a tick that another replica's peer now numbers is never shown twice. When Redis does not answer in time
+        the client hears it at once and the journal writes it behind, in order."""
         if self.lost:
             return
         try:
-            recorded = await self.services.store.record_outcome(outcome, self.owner)
-        except Exception:
-            # Redis is out of reach: the client still hears the decision; the log misses it.
-            log.exception("session %s: tick %d not logged to Redis", self.session_id, outcome.tick)
-            recorded = True
-        if recorded:
+            landing = await self.journal.record(outcome)
+        except asyncio.CancelledError:
+            # Closed while its write was on its way: the journal lands it all the same, so the client hears it.
             self._send_and_count(outcome)
+            raise
+        if landing == "refused":
+            self._held_elsewhere(outcome.tick)
             return
-        # Taken over (a reconnect elsewhere) or ended through another replica: this peer stops at once.
-        log.info("session %s: held elsewhere now; tick %d not logged, closing here", self.session_id, outcome.tick)
+        self._send_and_count(outcome)
+
+    def _held_elsewhere(self, tick: int) -> None:
+        """Taken over (a reconnect elsewhere) or ended through another replica: this peer stops at once."""
+        if self.lost:
+            return
+        log.info("session %s: held elsewhere now; tick %d not logged, closing here", self.session_id, tick)
         self.lost = True
         self.closed.set()

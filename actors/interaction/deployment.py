@@ -2,7 +2,8 @@
 
 A session's ticks go to the replica its id hashes to (so its prompt prefix stays in that engine's cache), spread
 evenly over replicas. A tick whose replica dies is retried once on the replica that takes the session over, if
-its deadline leaves time; a tick that cannot start before its deadline is refused as `Overloaded`.
+its deadline leaves time (`ReplicaFailed` when none takes it: the only replica was lost); a tick that no replica
+takes within ASSIGN_WAIT_S, or that cannot start before its deadline, is refused as `Overloaded`.
 
 A tick's frames travel as the ObjectRefs the ingest put them in the object store with (each frame once, though
 it is in the prompt of several ticks); the replica reads them from there, so no call carries pixels.
@@ -22,7 +23,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from actors.common.config import VigilConfig
 from actors.common.messages import Decision, EngineInfo, TickRequest
-from actors.common.replicas import Overloaded, ReplicaFailed, call_replica, session_affinity
+from actors.common.replicas import Overloaded, ReplicaFailed, call_replica, session_affinity, taken_by_replica
 
 log = logging.getLogger(__name__)
 
@@ -114,24 +115,26 @@ class RemoteEngine:
     async def decide(self, request: TickRequest) -> Decision:
         try:
             return await self._decide_once(request)
-        except ReplicaFailed:
+        except ReplicaFailed as lost:
             if request.deadline and request.deadline - time.time() < RETRY_MIN_S:
                 raise
             log.info("interaction replica lost during tick %d of %s; retrying once", request.tick,
                      request.session_id)
-            return await self._decide_once(request)
+            try:
+                return await self._decide_once(request)
+            except Overloaded:
+                # No survivor took the retry (the only replica was lost): the tick ends as the loss's, at once.
+                raise lost from None
 
     async def _decide_once(self, request: TickRequest) -> Decision:
         light, refs = _as_refs(request)
         call = self.handle.options(session_id=request.session_id).decide
         response = cast(DeploymentResponse, call.remote(light, refs) if refs else call.remote(light))
         remaining = max(0.0, request.deadline - time.time()) if request.deadline else None
-        try:
-            # Resolves once a replica has taken the call: the wait for a replica is bounded on its own.
-            ref = await asyncio.wait_for(response._to_object_ref(), min(remaining or ASSIGN_WAIT_S, ASSIGN_WAIT_S))
-        except TimeoutError:
-            response.cancel()
-            raise Overloaded(f"no interaction replica took tick {request.tick} within {ASSIGN_WAIT_S} s") from None
+        # The wait for a replica to take the call is bounded on its own: with every replica lost, Serve would
+        # hold it until a replacement is up (seconds), and the tick would end only at its deadline.
+        ref = await taken_by_replica(response, min(remaining or ASSIGN_WAIT_S, ASSIGN_WAIT_S),
+                                     f"interaction tick {request.tick}")
         remaining = max(0.0, request.deadline - time.time()) if request.deadline else None
         decision: Decision = await asyncio.wait_for(call_replica(ref), remaining)
         return decision

@@ -38,6 +38,14 @@ class Memory(MemoryApi):
         store = MemoryStore.from_config(config.redis_url or "", memory_config)
         super().__init__(MemoryService(embedder, memory_config, store, self.summarizer), store)
 
+    async def ready(self) -> None:
+        """Readiness: Redis answers (the ingest's /readyz asks, through `RemoteMemory.check_health`)."""
+        await MemoryApi.check_health(self)
+
+    async def check_health(self) -> None:
+        """Liveness: the replica runs. Redis out of reach does not restart it (that would drop the items it holds
+        for Redis, and every session's memory with them); `ready` reports it."""
+
     async def __del__(self) -> None:
         await self.close()
         if self.summarizer is not None:
@@ -71,4 +79,5 @@ class RemoteMemory:
         await self._call("release", session_id)
 
     async def check_health(self) -> None:
-        await self.handle.check_health.remote()
+        """Whether memory can serve: its replica answers and its Redis too (`Memory.ready`)."""
+        await self.handle.ready.remote()

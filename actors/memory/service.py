@@ -26,6 +26,7 @@ import numpy as np
 from actors.common.messages import MemoryContext
 from actors.common.session_store import UnknownSession
 from actors.memory.embedder import Embedder, EmbeddingBatcher
+from actors.memory.item_log import ItemLog
 from actors.memory.session import (
     POINT_KINDS,
     BadItem,
@@ -36,7 +37,14 @@ from actors.memory.session import (
     SessionMemory,
     parse_clock,
 )
-from actors.memory.store import MemoryStore, MemoryUnavailable, decode_snapshot, encode_snapshot
+from actors.memory.store import (
+    LogEntry,
+    MemoryStore,
+    MemoryUnavailable,
+    MemoryUnreachable,
+    decode_snapshot,
+    encode_snapshot,
+)
 from actors.memory.tiers import (
     KINDS,
     ExtractiveSummarizer,
@@ -50,6 +58,7 @@ from actors.memory.tiers import (
 
 log = logging.getLogger(__name__)
 
+UNLOGGED_ON_RELEASE_S = 2.0  # a released session's held items get this long to reach the log
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
 # Kinds a caller adds with `add`; keyframes come through `add_keyframe`, summaries from the summarizer.
 TEXT_KINDS: tuple[str, ...] = ("caption", "response", "user", "background")
@@ -93,6 +102,7 @@ class _Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified as summaries land
     task: asyncio.Task[None] | None = None
+    items: ItemLog | None = None  # its writes to the log in Redis, held while Redis is out of reach
     snapshot_id: int = 0
     snapshot_at: float = field(default_factory=time.monotonic)
     summarizing: bool = False
@@ -179,7 +189,9 @@ class MemoryService:
             raise MemoryRequestError(
                 f"this replica already holds {self.config.max_sessions} session memories"
             )
-        session = _Session(memory, snapshot_id=snapshot_id)
+        items = None if self.store is None else ItemLog(
+            memory.session_id, self.store, self.config.unlogged_max, self.config.accept_timeout_s)
+        session = _Session(memory, snapshot_id=snapshot_id, items=items)
         session.task = asyncio.create_task(
             self._summarize_loop(session), name=f"memory-summaries-{memory.session_id}"
         )
@@ -263,6 +275,8 @@ class MemoryService:
         fallback replica), restore the newer memory and write again, once."""
         try:
             return await write()
+        except MemoryUnreachable:
+            raise  # not another replica's writes: Redis itself is out of reach
         except MemoryUnavailable:
             if self.store is None or not await self.store.exists(session_id):
                 raise
@@ -280,6 +294,8 @@ class MemoryService:
             session.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await session.task
+        if session.items is not None:
+            await session.items.close(UNLOGGED_ON_RELEASE_S)
 
     async def forget(self, session_id: str) -> None:
         """Release a session and delete its stored memory."""
@@ -388,8 +404,8 @@ class MemoryService:
             if session.closed:
                 raise UnknownSession(f"memory of session {memory.session_id!r} was released")
             item = memory.new_item(kind, text, stream_time, span_s, seq)
-            if self.store is not None:
-                await self.store.append(item, vector, jpeg)
+            if session.items is not None:
+                await session.items.write(LogEntry(item, vector, jpeg))
             await asyncio.to_thread(memory.add, item, vector, jpeg)
             return item
 
@@ -551,8 +567,8 @@ class MemoryService:
         if self.store is None:
             raise MemoryRequestError("no store configured: memory is not persisted")
         async with session.snapshot_lock:
-            if session.memory.last_id <= session.snapshot_id:
-                return False
+            if session.memory.last_id <= session.snapshot_id or (session.items is not None and session.items.held):
+                return False  # nothing new, or items not logged yet: a snapshot would trim the log past them
             state = await asyncio.to_thread(session.memory.export_state)
             last_id = state["last_id"]
             data = await asyncio.to_thread(encode_snapshot, state)

@@ -109,6 +109,13 @@ class MemoryConfig(BaseModel):
     key_prefix: str = "vigil:memory:"
     ttl_s: int = 13 * 3600
     redis_timeout_s: float = 5.0
+    accept_timeout_s: float = Field(
+        default=1.0, gt=0, description="an item whose log write Redis does not answer this soon is held (below)",
+    )
+    unlogged_max: int = Field(
+        default=512, ge=0, description="items a session holds, searchable, while Redis is out of reach, logged in "
+        "order once it is back; past it, writes are refused (the ingest retries them)",
+    )
 
 
 _CLOCK = re.compile(r"(?<![\d:])(\d{1,2}):([0-5]\d)(?::([0-5]\d))?(?![\d:])")

@@ -4,8 +4,9 @@ Per session, two keys hold everything (plus a third for the snapshot's offset):
 
 - `<prefix><session>:log`: a Redis stream whose entry ids are the item ids (`<id>-0`), each entry the msgpack
   of one item with its embedding (restore never re-embeds) and, for keyframes, the JPEG. An item is
-  acknowledged only after its entry is written. Explicit ids also fence a stale owner: Redis refuses an id
-  that is not above the stream's top.
+  acknowledged only after its entry is written (while Redis is out of reach: once the session's
+  `item_log.ItemLog` holds it, to write it in order when Redis is back). Explicit ids also fence a stale
+  owner: Redis refuses an id that is not above the stream's top.
 - `<prefix><session>:snapshot` and `…:snapshot_id`: the FAISS index (`serialize_index`), the item table and
   the tier state, as of item `snapshot_id`. A Lua script writes both and trims the log below that id in one
   step, and refuses a snapshot older than the stored one.
@@ -24,7 +25,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from actors.memory.session import MemoryConfig
 from actors.memory.tiers import KINDS, MemoryItem
@@ -48,6 +49,17 @@ return 1
 
 class MemoryUnavailable(RuntimeError):
     """The memory log could not be written or read; the item was not acknowledged."""
+
+
+class MemoryUnreachable(MemoryUnavailable):
+    """Redis did not answer (stalled, restarting, gone), rather than refused: the same write may be sent again
+    once it is back."""
+
+
+def _failure(message: str, exc: Exception) -> MemoryUnavailable:
+    """A refusal by Redis (a stale owner's log entry) or, for anything else, Redis out of reach."""
+    kind = MemoryUnavailable if isinstance(exc, ResponseError) else MemoryUnreachable
+    return kind(f"{message}: {str(exc) or type(exc).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,16 +150,40 @@ class MemoryStore:
         """The Redis key of one part (`log`, `snapshot`, `snapshot_id`) of a session's memory."""
         return f"{self._prefix}{session_id}:{part}"
 
-    async def append(self, item: MemoryItem, vector: np.ndarray, jpeg: bytes | None = None) -> None:
-        """Write one item to its session's log; returns once Redis has it."""
+    async def append(
+        self, item: MemoryItem, vector: np.ndarray, jpeg: bytes | None = None, timeout_s: float | None = None,
+    ) -> None:
+        """Write one item to its session's log; returns once Redis has it. Raises MemoryUnreachable when Redis
+        does not answer within `timeout_s` (default: the store's), MemoryUnavailable when it refuses the entry."""
         key = self.key(item.session_id, "log")
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(key, {"e": encode_entry(item, vector, jpeg)}, id=f"{item.id}-0")
                 pipe.expire(key, self._ttl_s)
-                await asyncio.wait_for(pipe.execute(), self._timeout_s)
+                await asyncio.wait_for(pipe.execute(), timeout_s or self._timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise MemoryUnavailable(f"session {item.session_id}: item {item.id} not logged: {exc}") from exc
+            raise _failure(f"session {item.session_id}: item {item.id} not logged", exc) from exc
+
+    async def append_again(self, item: MemoryItem, vector: np.ndarray, jpeg: bytes | None = None) -> None:
+        """`append`, for an item whose earlier write may have landed unanswered (Redis stalled mid-call): an
+        entry of its id already in the log is that write, and counts as written."""
+        try:
+            await self.append(item, vector, jpeg)
+        except MemoryUnreachable:
+            raise
+        except MemoryUnavailable:
+            if not await self.logged(item.session_id, item.id):
+                raise
+
+    async def logged(self, session_id: str, item_id: int) -> bool:
+        """Whether the session's log holds an entry of this item id."""
+        entry = f"{item_id}-0"
+        try:
+            found = await asyncio.wait_for(
+                self._redis.xrange(self.key(session_id, "log"), min=entry, max=entry, count=1), self._timeout_s)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise _failure(f"session {session_id}: item {item_id} not found", exc) from exc
+        return bool(found)
 
     async def write_snapshot(self, session_id: str, last_id: int, data: bytes) -> bool:
         """Store a snapshot as of item `last_id` and trim the log below it; False if a newer one is stored."""
@@ -162,9 +198,7 @@ class MemoryStore:
                 self._write_snapshot(keys=keys, args=[last_id, data, self._ttl_s]), 4 * self._timeout_s
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            raise MemoryUnavailable(
-                f"session {session_id}: snapshot at item {last_id} not written: {exc}"
-            ) from exc
+            raise _failure(f"session {session_id}: snapshot at item {last_id} not written", exc) from exc
         return bool(written)
 
     async def exists(self, session_id: str) -> bool:
@@ -173,7 +207,7 @@ class MemoryStore:
         try:
             return bool(await asyncio.wait_for(self._redis.exists(*keys), self._timeout_s))
         except (RedisError, OSError, TimeoutError) as exc:
-            raise MemoryUnavailable(f"session {session_id}: memory not reachable: {exc}") from exc
+            raise _failure(f"session {session_id}: memory not reachable", exc) from exc
 
     async def load(self, session_id: str) -> tuple[bytes | None, int, list[LogEntry]]:
         """The snapshot (or None), its item id (0 without one), and the log entries above that id."""
@@ -201,7 +235,7 @@ class MemoryStore:
                     break
                 start = "(" + page[-1][0].decode()
         except (RedisError, OSError, TimeoutError) as exc:
-            raise MemoryUnavailable(f"session {session_id}: memory not loaded: {exc}") from exc
+            raise _failure(f"session {session_id}: memory not loaded", exc) from exc
         return snapshot, snapshot_id, entries
 
     async def forget(self, session_id: str) -> None:
@@ -210,4 +244,4 @@ class MemoryStore:
         try:
             await asyncio.wait_for(self._redis.delete(*keys), self._timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise MemoryUnavailable(f"session {session_id}: memory not deleted: {exc}") from exc
+            raise _failure(f"session {session_id}: memory not deleted", exc) from exc

@@ -4,12 +4,18 @@ Frames travel as ObjectRefs: the ingest converts each frame once, straight from 
 model's size, puts it into the object store once, and the sampler reads it from there, so a frame is never
 pickled into the call itself. The sampler answers with its verdict alone; the ingest, which holds the pixels,
 makes the sample.
+
+A frame the deployment cannot judge at once (its replica lost mid-call, or none taking the call within
+ASSIGN_WAIT_S: lost and not yet replaced, or all busy) is judged in the ingest instead, as `sampler: inline`
+does, and so are the frames of the next INLINE_FOR_S: a lost sampler replica costs no tick.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import time
 
 import numpy as np
 import ray
@@ -18,7 +24,17 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.common.config import VigilConfig
 from actors.common.messages import Sample, SampleVerdict
+from actors.common.replicas import Overloaded, ReplicaFailed, call_replica, taken_by_replica
 from actors.sampler.frame_sampler import FrameSampler
+
+log = logging.getLogger(__name__)
+
+# The judgement takes milliseconds: a call that no replica takes within ASSIGN_WAIT_S, or that is not answered
+# within JUDGE_TIMEOUT_S, is judged here instead (Serve would hold it until a replacement is up, seconds).
+ASSIGN_WAIT_S = 0.25
+JUDGE_TIMEOUT_S = 0.5
+# After the deployment failed a frame, frames are judged here for this long before it is asked again.
+INLINE_FOR_S = 2.0
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -41,18 +57,34 @@ def _stored_sample(rgb: np.ndarray, stream_time: float, change_score: float, ref
 
 
 class RemoteSampler:
-    """The sampler deployment seen from the ingest: one `ray.put` per frame (off the event loop), then a call."""
+    """The sampler deployment seen from the ingest: one `ray.put` per frame (off the event loop), then a call,
+    bounded; judged here when the deployment cannot answer in time."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, config: VigilConfig) -> None:
         self.handle = handle
+        self.fallback = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
+        self._inline_until = float("-inf")  # time.monotonic() until which frames are judged here
 
     async def sample(self, rgb: np.ndarray, stream_time: float, previous: bytes | None, due: bool) -> SampleVerdict:
         """`rgb`: the frame at the model's size (the ingest's `frame_to_rgb`)."""
         ref = await asyncio.to_thread(ray.put, rgb)
-        verdict: SampleVerdict = await self.handle.judge.remote([ref], previous, due)
+        verdict = await self._judge(rgb, ref, previous, due)
         if not verdict.keep:
             return verdict
         return dataclasses.replace(verdict, sample=_stored_sample(rgb, stream_time, verdict.change_score, ref))
+
+    async def _judge(self, rgb: np.ndarray, ref: ray.ObjectRef, previous: bytes | None, due: bool) -> SampleVerdict:
+        if time.monotonic() >= self._inline_until:
+            try:
+                taken = await taken_by_replica(self.handle.judge.remote([ref], previous, due), ASSIGN_WAIT_S,
+                                               "a frame to judge")
+                verdict: SampleVerdict = await asyncio.wait_for(call_replica(taken), JUDGE_TIMEOUT_S)
+                return verdict
+            except (ReplicaFailed, Overloaded, TimeoutError) as exc:
+                log.warning("the sampler deployment did not judge a frame (%s); judging here for %.0f s",
+                            type(exc).__name__, INLINE_FOR_S)
+                self._inline_until = time.monotonic() + INLINE_FOR_S
+        return await asyncio.to_thread(self.fallback.judge, rgb, previous, due)
 
 
 class InlineSampler:

@@ -48,7 +48,7 @@ def test_tick_message_carries_the_outcome() -> None:
     outcome = TickOutcome(session_id="s", tick=3, stream_time=2.5, outcome="respond", text="Hi",
                           stages_ms={"decide": 12.3456}, probability=0.87654)
     message = json.loads(tick_message(outcome, 40.0))
-    assert message == {"type": "tick", "tick": 3, "stream_time": 2.5, "outcome": "respond", "text": "Hi",
+    assert message == {"type": "tick", "tick": 3, "key": "s:3", "stream_time": 2.5, "outcome": "respond", "text": "Hi",
                        "question": "", "probability": 0.8765, "prompt_tokens": 0, "cached_tokens": 0,
                        "latency_ms": 40.0, "stages_ms": {"decide": 12.35}}
 

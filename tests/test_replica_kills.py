@@ -1,0 +1,294 @@
+"""Any replica killed with SIGKILL in the real Serve graph (the sampler's, memory's, the brain's mid-delegation, one
+of two interaction replicas, the only interaction replica): the tick in flight ends in exactly one recorded outcome
+within a second of the kill, decided where a survivor could take it, else `skipped:replica_failed`; later ticks go
+on without a busy or timed-out tick, deciding again by themselves once a replacement is up; no tick number is
+logged or received twice; a delegation whose brain replica dies ends `failed`, once, saying so, within seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from actors.ingest.delegations import BRAIN_LOST
+from actors.ingest.ice import restrict_host_addresses
+from bench.webrtc_client import SyntheticVideoTrack, VigilClient
+from tests.brain.helpers import until
+from tests.fixtures_vigil import RunningVigil, launch_vigil
+from tests.openai_server import MODEL, ChatServer
+
+pytestmark = pytest.mark.integration
+
+KILL_TO_OUTCOME_S = 1.0  # the promise: the tick in flight at the kill has its one outcome within this
+LOST_DELEGATION_S = 2.5  # kill -> the lost delegation's failed result at the client (the next tick carries it)
+SKIP_WITHIN_S = 1.0  # a tick skipped while no interaction replica is up is skipped this soon after it is due
+CHAT_DELAY_S = 0.3  # each interaction call takes this long: a tick is in flight a third of every second
+WATCH_S = 6.0  # how long the outcomes after a kill are watched
+HANG_WATCH_S = 20.0  # how long the outcome of the tick in flight is waited for, at most
+REPLACED_WITHIN_S = 90.0  # Serve has started a lost replica's replacement
+DECIDED = ("silent", "respond", "delegate")
+WORDS = " Let me work that out. </delegation> what do the prices on the shelf add up to?"
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[ChatServer]:
+    """The interaction engine's model: silent unless a test makes one session speak."""
+    with ChatServer() as server:
+        server.script.delay_s = CHAT_DELAY_S
+        server.script.words = WORDS
+        yield server
+
+
+@pytest.fixture(scope="module")
+def brain_chat() -> Iterator[ChatServer]:
+    """The brain's model: it never answers, so a delegation is in flight until the test kills its replica."""
+    with ChatServer() as server:
+        server.script.hang = True
+        yield server
+
+
+def _openai_engine(chat: ChatServer) -> dict[str, str]:
+    return {"VIGIL_ENGINE": "openai", "VIGIL_OPENAI_BASE_URL": chat.base_url, "VIGIL_OPENAI_MODEL": MODEL,
+            "VIGIL_INTERACTION_CPUS": "0.25"}
+
+
+@pytest.fixture(scope="module")
+def vigil_every_role(
+    tmp_path_factory: pytest.TempPathFactory, chat: ChatServer, brain_chat: ChatServer
+) -> Iterator[RunningVigil]:
+    """Every role its own deployment: the sampler, memory, the brain, and two interaction replicas."""
+    yield from launch_vigil(
+        tmp_path_factory.mktemp("vigil-kills"), Path("unused"), **_openai_engine(chat),
+        VIGIL_INTERACTION_REPLICAS="2", VIGIL_SAMPLER="deployment", VIGIL_BRAIN_BACKEND="openai",
+        VIGIL_BRAIN_BASE_URL=brain_chat.base_url, VIGIL_BRAIN_MODEL=MODEL,
+    )
+
+
+@pytest.fixture(scope="module")
+def vigil_one_interaction(tmp_path_factory: pytest.TempPathFactory, chat: ChatServer) -> Iterator[RunningVigil]:
+    yield from launch_vigil(tmp_path_factory.mktemp("vigil-kill-one"), Path("unused"), **_openai_engine(chat),
+                            VIGIL_MEMORY="false")
+
+
+def _scene(elapsed: float) -> np.ndarray:
+    image = np.full((240, 320, 3), 80, np.uint8)
+    image[:, int(elapsed * 30) % 320] = 240
+    return image
+
+
+@dataclass
+class Kill:
+    """What a session saw around one kill (times in seconds from the kill)."""
+
+    role: str
+    killed_at: float  # time.monotonic(), as the client's `received_at`
+    in_flight: dict[str, Any]  # the tick message of the tick in flight at the kill
+    to_outcome_s: float
+    after: list[dict[str, Any]]  # the tick messages received after the kill, in tick order
+    decided_again_s: float | None  # the first decided tick after the one in flight
+
+    def outcomes(self) -> list[str]:
+        return [tick["outcome"] for tick in self.after]
+
+    def show(self) -> str:
+        again = "never" if self.decided_again_s is None else f"{self.decided_again_s:.2f} s"
+        later = [f"{tick['outcome']} ({tick['latency_ms'] / 1000:.2f} s)" for tick in self.after[1:]]
+        return (f"{self.role} killed: tick {self.in_flight['tick']} in flight -> {self.in_flight['outcome']} after "
+                f"{self.to_outcome_s:.2f} s; next {WATCH_S:.0f} s (outcome, tick latency): {', '.join(later)}; "
+                f"decided again after {again}")
+
+
+def _ticks(client: VigilClient) -> list[dict[str, Any]]:
+    return [message for message in client.messages if message["type"] == "tick"]
+
+
+async def _session(vigil: RunningVigil) -> VigilClient:
+    """A streaming session with an instruction (so that every tick calls the model), ticking."""
+    restrict_host_addresses(["127.0.0.1"])
+    client = VigilClient(vigil.url)
+    await client.connect(SyntheticVideoTrack(_scene, fps=5), ["describe any change"])
+    await _decided(client, 3, timeout=30)
+    return client
+
+
+async def _decided(client: VigilClient, count: int, timeout: float) -> None:
+    """Until `count` more ticks have been decided."""
+    def decided() -> int:
+        return len([tick for tick in _ticks(client) if tick["outcome"] in DECIDED])
+
+    seen = decided()
+    await until(lambda: decided() >= seen + count, timeout)
+
+
+async def _tick_in_flight(chat: ChatServer, client: VigilClient) -> None:
+    """Until the model has just been called for one of the session's ticks (it answers CHAT_DELAY_S later)."""
+    def calls() -> int:
+        return sum(call.headers.get("x-streaming-session") == client.session_id for call in chat.calls)
+
+    before = calls()
+    await until(lambda: calls() > before, 10)
+
+
+async def _kill(role: str, pid: int, client: VigilClient, chat: ChatServer, then: dict[str, Any] | None = None) -> Kill:
+    """SIGKILL `pid` while one of the session's ticks is in flight (and send `then` at once), and watch the
+    next WATCH_S."""
+    await _tick_in_flight(chat, client)
+    last = max(tick["tick"] for tick in _ticks(client))
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    if then is not None:
+        client.send(then)
+    await asyncio.sleep(WATCH_S)
+    with contextlib.suppress(TimeoutError):  # a tick that hangs: how long, for the failure's message
+        await until(lambda: any(tick["tick"] == last + 1 for tick in _ticks(client)), HANG_WATCH_S - WATCH_S)
+    after = sorted((tick for tick in _ticks(client) if tick["tick"] > last), key=lambda tick: tick["tick"])
+    in_flight = after[0]
+    assert in_flight["tick"] == last + 1, f"{role} killed: tick {last + 1} had no outcome in {HANG_WATCH_S:.0f} s"
+    again = next((tick for tick in after[1:] if tick["outcome"] in DECIDED), None)
+    kill = Kill(role, killed, in_flight, in_flight["received_at"] - killed, after,
+                None if again is None else again["received_at"] - killed)
+    print(kill.show())
+    return kill
+
+
+async def _numbered_once(client: VigilClient) -> None:
+    """Every tick number once, with none missing, in what the client received and in the session's log."""
+    received = [tick["tick"] for tick in _ticks(client)]
+    logged = [event["tick"] for event in await client.events()]
+    for numbers in (received, logged):
+        assert sorted(numbers) == list(range(1, max(numbers) + 1)), f"a tick twice or missing: {sorted(numbers)}"
+
+
+async def _replaced(vigil: RunningVigil, deployment: str, kill: Kill, pid: int, count: int = 1) -> float:
+    """Seconds from the kill until Serve has `count` replica processes of `deployment` again, none the killed one
+    (seen at the end of the watch at the earliest)."""
+    async with asyncio.timeout(REPLACED_WITHIN_S):
+        while True:
+            pids = vigil.replica_pids(deployment)
+            if len(pids) == count and pid not in pids:
+                return time.monotonic() - kill.killed_at
+            await asyncio.sleep(0.2)
+
+
+def _assert_no_hang(kill: Kill) -> None:
+    assert kill.to_outcome_s < KILL_TO_OUTCOME_S, kill.show()
+    assert not {"skipped:busy", "skipped:timeout", "skipped:engine_error"} & set(kill.outcomes()), kill.show()
+
+
+async def test_killing_the_sampler_costs_no_tick(vigil_every_role: RunningVigil, chat: ChatServer) -> None:
+    client = await _session(vigil_every_role)
+    try:
+        [pid] = vigil_every_role.replica_pids("Sampler")
+        kill = await _kill("sampler", pid, client, chat)
+        _assert_no_hang(kill)
+        assert set(kill.outcomes()) <= set(DECIDED), kill.show()  # the ingest judges the frames meanwhile
+        print(f"sampler replaced within {await _replaced(vigil_every_role, 'Sampler', kill, pid):.1f} s")
+        await _decided(client, 3, timeout=15)
+        await _numbered_once(client)
+    finally:
+        await client.close()
+
+
+async def test_killing_memory_costs_no_tick(vigil_every_role: RunningVigil, chat: ChatServer) -> None:
+    client = await _session(vigil_every_role)
+    try:
+        [pid] = vigil_every_role.replica_pids("Memory")
+        # A question right after the kill: the next tick asks memory for fresh lines, from a replica that is gone.
+        kill = await _kill("memory", pid, client, chat, then={"type": "question", "text": "what changed?"})
+        _assert_no_hang(kill)
+        assert set(kill.outcomes()) <= set(DECIDED), kill.show()
+        print(f"memory replaced within {await _replaced(vigil_every_role, 'Memory', kill, pid):.1f} s")
+        await _decided(client, 3, timeout=15)
+        await _numbered_once(client)
+    finally:
+        await client.close()
+
+
+async def test_killing_the_brain_mid_delegation_fails_it_once_at_once(
+    vigil_every_role: RunningVigil, chat: ChatServer, brain_chat: ChatServer
+) -> None:
+    client = await _session(vigil_every_role)
+    try:
+        chat.script.p_by_session[client.session_id] = 1.0  # its next tick delegates, and only that one
+        await until(lambda: any(call.body.get("continue_final_message") for call in chat.calls), 15)
+        chat.script.p_by_session.pop(client.session_id)
+        # The delegation is in flight on the brain replica: its model has been called (and never answers).
+        await until(lambda: bool(brain_chat.calls) and any(t["outcome"] == "delegate" for t in _ticks(client)), 15)
+        [delegated] = [tick for tick in _ticks(client) if tick["outcome"] == "delegate"]
+        [pid] = vigil_every_role.replica_pids("Brain")
+        kill = await _kill("brain", pid, client, chat)
+        _assert_no_hang(kill)
+        assert set(kill.outcomes()) <= set(DECIDED), kill.show()
+        results = [message for message in client.messages if message["type"] == "delegation"]
+        assert len(results) == 1, results
+        [result] = results
+        assert (result["id"], result["status"], result["reason"]) == (str(delegated["tick"]), "failed", BRAIN_LOST)
+        failed_after = result["received_at"] - kill.killed_at
+        print(f"brain killed mid-delegation: its failed result reached the client {failed_after:.2f} s later")
+        assert failed_after < LOST_DELEGATION_S
+        logged = await client.http.get(f"/v1/sessions/{client.session_id}/delegations", headers=client.auth())
+        assert [entry["status"] for entry in logged.json()["delegations"]] == ["failed"], "recorded once"
+        print(f"brain replaced within {await _replaced(vigil_every_role, 'Brain', kill, pid):.1f} s")
+        await _numbered_once(client)
+    finally:
+        await client.close()
+
+
+async def test_killing_one_of_two_interaction_replicas_moves_the_tick_to_the_other(
+    vigil_every_role: RunningVigil, chat: ChatServer
+) -> None:
+    client = await _session(vigil_every_role)
+    try:
+        replicas = {event["replica"] for event in await client.events() if event["replica"]}
+        assert len(replicas) == 1, replicas
+        [victim] = replicas
+        pid = int(victim.rpartition("@")[2])
+        kill = await _kill("one of two interaction replicas", pid, client, chat)
+        _assert_no_hang(kill)
+        # The tick in flight is retried on the survivor; at most one tick meets the dead replica once more
+        # before the router has dropped it, and ends as the loss's.
+        assert kill.in_flight["outcome"] in (*DECIDED, "skipped:replica_failed"), kill.show()
+        assert sum(outcome not in DECIDED for outcome in kill.outcomes()) <= 1, kill.show()
+        survivors = {event["replica"] for event in await client.events() if event["replica"]} - {victim}
+        assert survivors, "the session decided on the other replica"
+        replaced = await _replaced(vigil_every_role, "Interaction", kill, pid, count=2)
+        print(f"interaction replica replaced within {replaced:.1f} s")
+        await _numbered_once(client)
+    finally:
+        await client.close()
+
+
+async def test_killing_the_only_interaction_replica_skips_ticks_until_its_replacement(
+    vigil_one_interaction: RunningVigil, chat: ChatServer
+) -> None:
+    client = await _session(vigil_one_interaction)
+    try:
+        [pid] = vigil_one_interaction.replica_pids("Interaction")
+        kill = await _kill("the only interaction replica", pid, client, chat)
+        _assert_no_hang(kill)
+        assert kill.in_flight["outcome"] == "skipped:replica_failed", kill.show()
+        waiting = [tick for tick in kill.after[1:] if tick["outcome"] not in DECIDED]
+        assert {tick["outcome"] for tick in waiting} <= {"skipped:overload"}, kill.show()
+        # Each is refused within half a second of its start, not held until the replacement is up.
+        assert all(tick["latency_ms"] < SKIP_WITHIN_S * 1000 for tick in waiting), kill.show()
+        await _decided(client, 3, timeout=REPLACED_WITHIN_S)
+        decided = next(tick for tick in _ticks(client) if tick["tick"] > kill.in_flight["tick"]
+                       and tick["outcome"] in DECIDED)
+        back = decided["received_at"] - kill.killed_at
+        skipped = [tick["outcome"] for tick in _ticks(client)
+                   if kill.in_flight["tick"] < tick["tick"] < decided["tick"]]
+        print(f"the only interaction replica killed: {len(skipped)} ticks skipped ({set(skipped)}), deciding again "
+              f"{back:.1f} s after the kill")
+        assert set(skipped) <= {"skipped:overload"}
+        await _numbered_once(client)
+    finally:
+        await client.close()
