@@ -43,7 +43,7 @@ run: $(STAMP)
 	$(PY) serve_app.py
 
 test: $(STAMP) $(VLLM_STAMP) system-packages lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "unit"

@@ -40,7 +40,8 @@ import numpy as np
 
 from actors.common.embedded_redis import EmbeddedRedis
 from actors.memory.embedder import CachingEmbedder, Embedder, HashingEmbedder, MiniLMEmbedder, normalize_rows
-from actors.memory.service import MemoryService, release_free_heap
+from actors.memory.heap import release_free_heap
+from actors.memory.service import MemoryService
 from actors.memory.session import MemoryConfig, SessionMemory
 from actors.memory.store import MemoryStore, decode_snapshot, encode_snapshot
 from actors.memory.tiers import extract_summary

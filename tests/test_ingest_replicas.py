@@ -1,7 +1,9 @@
 """Two ingest replicas in the real Serve graph: sessions spread over both, each session's HTTP calls reach the
 replica that holds its peer (Serve routes by the x-session-id header), and when one replica is killed mid-stream
 its sessions resume on the other with tick numbers and stream time going on, memory intact, and no tick number
-logged twice, while the other replica's sessions tick on undisturbed."""
+logged twice, while the other replica's sessions tick on undisturbed. Draining: a redeploy with `serve run` and a
+new Serve config, and SIGTERM of Vigil itself, tell each client to connect again after its last tick, and its
+session resumes on the new replicas (after SIGTERM, on a Vigil started again on the same Redis), numbering on."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from itertools import pairwise
@@ -20,12 +21,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from actors.ingest.ice import restrict_host_addresses
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
 from tests.fixtures_vigil import ROOT, RunningVigil, launch_vigil
 
 pytestmark = pytest.mark.integration
+
+SERVE = Path(sys.executable).parent / "serve"  # Ray's CLI, beside the interpreter
+STOP_WITHIN_S = 30.0  # SIGTERM to exit: the drain (graceful_shutdown_timeout_s), then Serve's and Ray's shutdown
 
 NOTE = "the spare key is under the blue flowerpot"
 
@@ -186,56 +191,64 @@ async def test_killing_an_ingest_replica_resumes_its_sessions_on_the_other(vigil
             await client.close()
 
 
-def _redeploy_with_one_ingest_replica(vigil: RunningVigil) -> float:
-    """What an operator does to scale the ingest down: deploy the application again, from another driver joined
-    to Vigil's cluster, with one ingest replica. Serve replaces the replicas and stops the old ones gracefully.
-    Returns the seconds `serve.run` took."""
-    log = vigil.log()
-    gcs = re.search(r"Ray cluster at (\S+)", log)
-    redis_url = re.search(r"embedded Redis at (\S+)", log)
-    assert gcs and redis_url, "Vigil logs its Ray cluster and Redis"
-    driver = textwrap.dedent(f"""
-        import os, time, ray
-        from ray import serve
-        import serve_app
-        from actors.common.config import VigilConfig
-        ray.init(address={gcs[1]!r}, runtime_env={{"env_vars": {{k: v for k, v in os.environ.items()
-                                                                 if k.startswith(("VIGIL_", "HF_"))}}}})
-        config = VigilConfig.from_env({{"redis_url": {redis_url[1]!r}, "ingest_replicas": 1}})
-        started = time.monotonic()
-        serve.run(serve_app.build_app(config), name="vigil", route_prefix="/")
-        print(f"redeployed in {{time.monotonic() - started:.1f}} s")
-    """)
-    env = os.environ | {key: value for key, value in vigil.settings.items() if key != "VIGIL_INGEST_REPLICAS"}
-    env["RAY_AUTH_MODE"] = "token"  # a cluster started by ray.init() takes tokens; its token is in ~/.ray
-    done = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return float(re.search(r"redeployed in (\S+) s", done.stdout)[1])  # type: ignore[index]
+def _serve_config(vigil: RunningVigil, path: Path, **args: object) -> Path:
+    """A Serve config file for Vigil's application, as an operator writes one: the builder, its args (they
+    override Vigil's settings) and the environment its replicas start with."""
+    redis_url = re.search(r"embedded Redis at (\S+)", vigil.log())
+    assert redis_url, "Vigil logs its Redis"
+    env = {key: value for key, value in vigil.settings.items() if key != "VIGIL_INGEST_REPLICAS"}
+    config = {"applications": [{
+        "name": "vigil", "route_prefix": "/", "import_path": "serve_app:app_builder",
+        "args": {"redis_url": redis_url[1], **args}, "runtime_env": {"env_vars": env},
+    }]}
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
-async def _told_to_reconnect(clients: list[VigilClient], timeout: float) -> None:
+def _serve_run(vigil: RunningVigil, config: Path) -> float:
+    """What an operator does to redeploy: `serve run <config> --non-blocking` against Vigil's running cluster.
+    Serve replaces the replicas whose config changed and stops the old ones gracefully. Returns the seconds
+    `serve run` took."""
+    gcs = re.search(r"Ray cluster at (\S+)", vigil.log())
+    assert gcs, "Vigil logs its Ray cluster's address"
+    env = {"PATH": str(SERVE.parent) + ":/usr/bin:/bin", "HOME": str(Path.home()), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token"}  # a cluster started by ray.init() takes tokens; its token is in ~/.ray
+    started = time.monotonic()
+    done = subprocess.run([str(SERVE), "run", str(config), "--address", gcs[1], "--non-blocking"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return time.monotonic() - started
+
+
+async def _told_to_reconnect(clients: list[VigilClient], timeout: float, after: list[int] | None = None) -> None:
+    """Each client got `reconnect` (reason `drain`) after its first `after` messages, and after its last tick, so
+    that whoever runs its session next numbers on from there."""
+    starts = after or [0] * len(clients)
     deadline = time.monotonic() + timeout
-    while not all(any(m["type"] == "reconnect" for m in client.messages) for client in clients):
+    while not all(any(m["type"] == "reconnect" for m in client.messages[start:])
+                  for client, start in zip(clients, starts, strict=True)):
         assert time.monotonic() < deadline, [[m["type"] for m in c.messages[-3:]] for c in clients]
         await asyncio.sleep(0.1)
-    for client in clients:
-        told = [m for m in client.messages if m["type"] == "reconnect"][-1]
+    for client, start in zip(clients, starts, strict=True):
+        told = next(m for m in client.messages[start:] if m["type"] == "reconnect")
         assert told["reason"] == "drain"
         last_tick = max(m["received_at"] for m in client.messages if m["type"] == "tick")
         assert told["received_at"] >= last_tick, "told after its last tick, so the next owner numbers on"
 
 
-async def test_scaling_down_drains_sessions_that_resume_and_stopping_drains_them_again(
-        vigil_two_ingest: RunningVigil) -> None:
-    """Scale-down (a redeploy with one ingest replica) tells every client to connect again before its replica
-    goes; they resume on the replica that stays, numbering on. Then stopping Vigil drains them once more. Last
-    in this module: it stops the module's Vigil."""
+async def test_a_redeploy_drains_sessions_onto_the_new_replicas_and_sigterm_onto_a_new_vigil(
+        vigil_two_ingest: RunningVigil, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+        tiny_random_model_dir: Path) -> None:
+    """A redeploy with `serve run` and a new Serve config (one ingest replica instead of two: a scale-down) tells
+    every client to connect again before its replica goes; they resume on the replica that stays, numbering on.
+    Then SIGTERM stops Vigil, draining them once more, and they resume on a Vigil started again on the same
+    Redis. Last in this module: it stops the module's Vigil."""
     restrict_host_addresses(["127.0.0.1"])
     by_replica = await _sessions_on_both(vigil_two_ingest, 12, stop_when_both=True)
     await _end_unused(vigil_two_ingest, by_replica)
     old_replicas = set(by_replica)
     clients = []
+    again: Iterator[RunningVigil] | None = None
     try:
         for sessions in by_replica.values():
             client = VigilClient(vigil_two_ingest.url)
@@ -243,21 +256,50 @@ async def test_scaling_down_drains_sessions_that_resume_and_stopping_drains_them
             await client.connect(SyntheticVideoTrack(_scene, fps=5))
             await asyncio.wait_for(client.ticks.get(), 15)
             clients.append(client)
-        took = await asyncio.to_thread(_redeploy_with_one_ingest_replica, vigil_two_ingest)
+        config = _serve_config(vigil_two_ingest, tmp_path / "one-ingest.yaml", ingest_replicas=1)
+        took = await asyncio.to_thread(_serve_run, vigil_two_ingest, config)
         await _told_to_reconnect(clients, timeout=60)
         for client in clients:
             await _reconnect_until_it_ticks(client, timeout=60)
-        print(f"redeployed with one ingest replica in {took:.1f} s; both sessions resumed on {clients[0].replica}")
+        print(f"serve run redeployed with one ingest replica in {took:.1f} s; both sessions resumed on "
+              f"{clients[0].replica}")
         assert len({client.replica for client in clients}) == 1
         assert clients[0].replica not in old_replicas
         assert len(vigil_two_ingest.replica_pids("Ingest")) == 1
         for client in clients:
-            while (await asyncio.wait_for(client.ticks.get(), 15))["outcome"] == "skipped:reconnect":
-                pass
-            ticks = [event["tick"] for event in await client.events()]
-            assert sorted(ticks) == list(range(1, max(ticks) + 1)), "numbered on, no tick twice"
-        vigil_two_ingest.process.send_signal(signal.SIGINT)
-        await _told_to_reconnect(clients, timeout=30)
+            await _decided_again(client)
+        told_before = [len(client.messages) for client in clients]
+        vigil_two_ingest.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        await _told_to_reconnect(clients, timeout=30, after=told_before)
+        told_after = time.monotonic() - signalled
+        assert await asyncio.to_thread(vigil_two_ingest.process.wait, STOP_WITHIN_S) == 0
+        stopped_after = time.monotonic() - signalled
+        before = {client.session_id: max(m["tick"] for m in client.messages if m["type"] == "tick")
+                  for client in clients}
+        # The operator starts Vigil again on the same (persisted) Redis; each client finds it and resumes.
+        again = launch_vigil(tmp_path_factory.mktemp("vigil-again"), tiny_random_model_dir,
+                             VIGIL_REDIS_DIR=vigil_two_ingest.settings["VIGIL_REDIS_DIR"])
+        restarted = await asyncio.to_thread(next, again)
+        for client in clients:
+            await client.http.aclose()
+            client.http = httpx.AsyncClient(base_url=restarted.url, timeout=15)
+            await _reconnect_until_it_ticks(client, timeout=60)
+            hello = [m for m in client.messages if m["type"] == "hello"][-1]
+            assert hello["resumed"]["tick"] == before[client.session_id] and hello["resumed"]["missed_s"] > 0
+            await _decided_again(client)
+        print(f"SIGTERM: told to reconnect after {told_after:.2f} s, Vigil exited after {stopped_after:.1f} s; "
+              "both sessions resumed on a new Vigil")
     finally:
         for client in clients:
-            await client.close(end_session=False)
+            await client.close(end_session=again is not None)
+        if again is not None:
+            again.close()
+
+
+async def _decided_again(client: VigilClient) -> None:
+    """Past the resumed session's `skipped:reconnect`, a tick decided; the log numbered 1..n, each once."""
+    while (await asyncio.wait_for(client.ticks.get(), 15))["outcome"] == "skipped:reconnect":
+        pass
+    ticks = [event["tick"] for event in await client.events()]
+    assert sorted(ticks) == list(range(1, max(ticks) + 1)), f"a tick missing or twice: {sorted(ticks)}"

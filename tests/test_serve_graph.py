@@ -13,9 +13,7 @@ import asyncio
 import os
 import signal
 import time
-from collections import Counter
 from collections.abc import Iterator
-from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -154,38 +152,5 @@ async def test_killing_the_memory_replica_loses_nothing_acknowledged(vigil_tiny:
         print(f"memory replica killed: every note recalled again {back_after:.1f} s later ({max(waits):.1f} s)")
         new_pids = vigil_tiny.replica_pids("Memory")
         assert new_pids and pids[0] not in new_pids, "Serve replaced the memory replica"
-    finally:
-        await client.close()
-
-
-async def test_killing_the_only_interaction_replica_never_hangs_a_tick(vigil_tiny: RunningVigil) -> None:
-    """Until Serve replaces the replica, each tick ends as skipped:replica_failed within about a second (no run
-    of busy ticks behind a hung one); then the session decides again, numbering every tick once."""
-    restrict_host_addresses(["127.0.0.1"])
-    client = VigilClient(vigil_tiny.url)
-    await client.connect(SyntheticVideoTrack(_scene, fps=5), ["describe any change"])
-    try:
-        while (await asyncio.wait_for(client.ticks.get(), 30))["outcome"].startswith("skipped:"):
-            pass
-        pids = vigil_tiny.replica_pids("Interaction")
-        assert len(pids) == 1, f"expected one interaction replica process, found {pids}"
-        os.kill(pids[0], signal.SIGKILL)
-        killed_at = time.monotonic()
-        received: list[tuple[float, dict]] = []
-        while time.monotonic() - killed_at < 90:
-            tick = await asyncio.wait_for(client.ticks.get(), 10)
-            received.append((time.monotonic() - killed_at, tick))
-            if tick["outcome"] in ("silent", "respond", "delegate") and time.monotonic() - killed_at > 2:
-                break
-        else:
-            raise AssertionError("the session never decided again after the replica was replaced")
-        outcomes = Counter(t["outcome"] for _, t in received)
-        back_after = received[-1][0]
-        print(f"interaction replica killed: decided again after {back_after:.1f} s; {dict(outcomes)}")
-        assert outcomes["skipped:busy"] <= 1, outcomes
-        gaps = [later - earlier for (earlier, _), (later, _) in pairwise(received)]
-        assert max(gaps, default=0.0) < 2.5, f"a tick hung: gaps {gaps}"
-        logged = [e["tick"] for e in await client.events(limit=1000)]
-        assert len(logged) == len(set(logged)), "one outcome per tick in the log"
     finally:
         await client.close()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import math
 import numbers
@@ -26,6 +24,7 @@ import numpy as np
 from actors.common.messages import MemoryContext
 from actors.common.session_store import UnknownSession
 from actors.memory.embedder import Embedder, EmbeddingBatcher
+from actors.memory.heap import keep_large_buffers_off_the_heap, release_free_heap
 from actors.memory.item_log import ItemLog
 from actors.memory.session import (
     POINT_KINDS,
@@ -62,36 +61,6 @@ UNLOGGED_ON_RELEASE_S = 2.0  # a released session's held items get this long to 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
 # Kinds a caller adds with `add`; keyframes come through `add_keyframe`, summaries from the summarizer.
 TEXT_KINDS: tuple[str, ...] = ("caption", "response", "user", "background")
-
-
-def _libc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # glibc only
-
-
-_LIBC = _libc()
-_M_MMAP_THRESHOLD = -3
-
-
-def keep_large_buffers_off_the_heap(threshold_bytes: int) -> None:
-    """Serve every allocation of `threshold_bytes` or more with its own mapping, returned to the OS on free.
-
-    A restore or a snapshot holds one (tens of MB) several times over for a moment, in worker threads. By
-    default glibc raises this threshold after each large free and then serves such buffers from per-thread
-    heaps that it rarely gives back: a replica that restored many sessions would keep every transient copy
-    (about 30 MB a session, measured). Setting it fixes it for the process.
-    """
-    if _LIBC is not None:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
-
-
-def release_free_heap() -> None:
-    """Hand freed heap pages back to the OS (after a restore or a snapshot)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 @dataclass(eq=False)

@@ -104,7 +104,7 @@ class MemoryConfig(BaseModel):
     restore_concurrency: int = Field(default=2, ge=1, description="restores decoding at once on a replica")
     mmap_threshold_bytes: int | None = Field(
         default=1 << 20,
-        description="see memory_service.keep_large_buffers_off_the_heap; None: leave glibc be",
+        description="see actors.memory.heap.keep_large_buffers_off_the_heap; None: leave glibc be",
     )
     key_prefix: str = "vigil:memory:"
     ttl_s: int = 13 * 3600
