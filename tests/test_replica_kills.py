@@ -2,7 +2,9 @@
 of two interaction replicas, the only interaction replica): the tick in flight ends in exactly one recorded outcome
 within a second of the kill, decided where a survivor could take it, else `skipped:replica_failed`; later ticks go
 on without a busy or timed-out tick, deciding again by themselves once a replacement is up; no tick number is
-logged or received twice; a delegation whose brain replica dies ends `failed`, once, saying so, within seconds."""
+logged or received twice; a delegation whose brain replica dies ends `failed`, once, saying so, within seconds.
+The one-interaction-replica Vigil runs the openai engine, and pins that down first: ticks reach its server with the
+session's frames, and each session's threshold decides whether the server's P(speak) is enough."""
 
 from __future__ import annotations
 
@@ -265,6 +267,39 @@ async def test_killing_one_of_two_interaction_replicas_moves_the_tick_to_the_oth
         await _numbered_once(client)
     finally:
         await client.close()
+
+
+async def test_the_openai_engine_decides_ticks_under_each_sessions_threshold(
+    vigil_one_interaction: RunningVigil, chat: ChatServer
+) -> None:
+    """Before its replica is killed, the one-replica Vigil pins down the openai engine in the graph: ticks reach the
+    server with the session's frames and header, the banner names the engine, and a session's threshold decides
+    whether the server's P(speak) of 0.7 is enough to speak."""
+    restrict_host_addresses(["127.0.0.1"])
+    eager, cautious = VigilClient(vigil_one_interaction.url), VigilClient(vigil_one_interaction.url)
+    words, chat.script.words = chat.script.words, " A man is working on a laptop."
+    try:
+        for client in (eager, cautious):
+            await client.create(["describe the room"])
+            chat.script.p_by_session[client.session_id] = 0.7
+            await client.connect(SyntheticVideoTrack(_scene, fps=5))
+        cautious.send({"type": "settings", "speak_threshold": 0.9})
+        hello = next(m for m in eager.messages if m["type"] == "hello")
+        assert hello["model"] == {"engine": "openai", "model": MODEL, "demo": False, "note": ""}
+        heard: dict[str, list[dict]] = {"eager": [], "cautious": []}
+        for name, client in (("eager", eager), ("cautious", cautious)):
+            while len([t for t in heard[name] if not t["outcome"].startswith("skipped:")]) < 3:
+                heard[name].append(await asyncio.wait_for(client.ticks.get(), 20))
+    finally:
+        chat.script.words = words
+        await asyncio.gather(eager.close(), cautious.close(), return_exceptions=True)
+    spoken = [t for t in heard["eager"] if t["outcome"] == "respond"]
+    assert len(spoken) >= 3 and spoken[0]["text"] == "A man is working on a laptop."
+    assert all(t["probability"] == pytest.approx(0.7, abs=0.01) for t in spoken)
+    settled = [t for t in heard["cautious"] if not t["outcome"].startswith("skipped:")][-2:]
+    assert [t["outcome"] for t in settled] == ["silent", "silent"]
+    calls = [c for c in chat.calls if c.headers.get("x-streaming-session") == cautious.session_id]
+    assert calls and all(c.frames for c in calls), "every call carried the session's frames"
 
 
 async def test_killing_the_only_interaction_replica_skips_ticks_until_its_replacement(
