@@ -6,6 +6,7 @@ import pytest
 
 from tests.fixtures_gateway import *  # noqa: F403
 from tests.fixtures_models import *  # noqa: F403
+from tests.fixtures_models import DEMO_MODEL, DEMO_TRAINING
 from tests.fixtures_redis import *  # noqa: F403
 from tests.fixtures_vigil import SHARED_DEMO, RunningVigil
 
@@ -19,6 +20,8 @@ def vigil_demo(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     users = [item.nodeid for item in items if "vigil_demo" in getattr(item, "fixturenames", ())]
     SHARED_DEMO.last_user = users[-1] if users else None
+    if any("demo_model_dir" in getattr(item, "fixturenames", ()) for item in items):
+        DEMO_TRAINING.start(DEMO_MODEL)  # trained while the tests before its first user run
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -30,4 +33,5 @@ def pytest_sessionfinish(session, exitstatus) -> None:  # type: ignore[no-untype
     """No Vigil outlives the run: those still stopping in the background are waited for (or killed)."""
     from tests.fixtures_vigil import wait_for_stopping_vigils
 
+    DEMO_TRAINING.stop()
     wait_for_stopping_vigils()

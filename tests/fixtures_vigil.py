@@ -40,7 +40,9 @@ class RunningVigil:
 
 
 def launch_vigil(workdir: Path, model_dir: Path, **env: str) -> Generator[RunningVigil, None, None]:
-    """Start Vigil with `model_dir` as its model; yield once /readyz answers 200; stop it (SIGINT) after."""
+    """Start Vigil with `model_dir` as its model; yield once /readyz answers 200; stop it (SIGINT) after.
+    A Vigil still stopping is waited for first: two starting and stopping at once on two cores starve both."""
+    wait_for_stopping_vigils()
     port = free_port()
     log_path = workdir / "vigil.log"
     settings = {

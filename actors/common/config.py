@@ -142,7 +142,8 @@ class VigilConfig(BaseModel):
     )
     redis_http_timeout_s: float = Field(
         default=0.5, gt=0.0, description="an HTTP call whose Redis does not answer this soon is refused with "
-        "503 redis_unavailable (and Retry-After) rather than left hanging",
+        "503 redis_unavailable (and Retry-After) rather than left hanging; time the replica's own loop ran "
+        "behind is not counted against Redis",
     )
     outcome_buffer: int = Field(
         default=300, ge=1, description="tick outcomes a session holds while Redis is out of reach, written in "

@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.common.client_text import ClientTextError, check_client_text
 from actors.common.config import VigilConfig
+from actors.common.loop_lag import LoopLag
 from actors.common.messages import EngineInfo, SessionRecord, from_dict, to_dict
 from actors.common.replicas import ReplicaFailed
 from actors.common.session_store import SessionStore, UnknownSession, new_session_id
@@ -86,6 +87,7 @@ class Gateway:
         self._peer_connections: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
         limits = config.limits
         self.quotas = SessionQuotas(store.client, limits.max_sessions_per_key, limits.max_sessions_per_address)
+        self.loop_lag = LoopLag()  # what the Redis bounds of requests discount (redis_bound.py)
 
     async def start(self) -> None:
         self.engine_info = await self.engine.info()
@@ -105,6 +107,7 @@ class Gateway:
         if peers:
             log.info("draining %d sessions: their clients are told to reconnect", len(peers))
         await asyncio.gather(*(peer.drain(grace_s) for peer in peers), return_exceptions=True)
+        await self.loop_lag.stop()
         await self.store.close()
 
     # -- sessions ------------------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ class Gateway:
 
     def redis_within(self, what: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Bound a request's Redis calls: out of time or out of reach, it is refused with 503 redis_unavailable."""
-        return redis_within(self.config.redis_http_timeout_s, what)
+        return redis_within(self.config.redis_http_timeout_s, what, self.loop_lag)
 
     async def authorize(self, session_id: str, request: Request) -> SessionRecord:
         try:

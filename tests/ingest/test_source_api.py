@@ -90,7 +90,8 @@ class Session:
                                 timeout_s)
 
     async def end(self) -> None:
-        assert (await self.http.delete(f"/v1/sessions/{self.id}", headers=self.headers)).status_code == 200
+        reply = await self.http.delete(f"/v1/sessions/{self.id}", headers=self.headers)
+        assert reply.status_code == 200, reply.text
 
 
 def source_threads() -> list[threading.Thread]:

@@ -38,7 +38,8 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", "tiny-lm", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--gpu-memory-utilization", "0.2", "--max-model-len", "4096", "--block-size", "32"]
+               "--gpu-memory-utilization", "0.2", "--max-model-len", "4096", "--block-size", "32",
+               "--enforce-eager"]  # eager: a test has no use for minutes of kernel compiling
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                    env=os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})

@@ -37,13 +37,15 @@ pytestmark = pytest.mark.unit
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
 # What vLLM on these CPUs needs: float32, a fifth of RAM for its KV cache, and blocks of 32 tokens (the CPU
-# default is 128) so that the prefix cache shows reuse on short prompts.
+# default is 128) so that the prefix cache shows reuse on short prompts; eager, as a test has no use for minutes
+# of kernel compiling.
 TINY_ENGINE_ARGS: dict[str, Any] = {
     "dtype": "float32",
     "gpu_memory_utilization": 0.2,
     "max_model_len": 4096,
     "max_num_seqs": 32,
     "block_size": 32,
+    "enforce_eager": True,
     "disable_log_stats": False,  # so that vLLM reports each step's scheduler state to PeakBatch
 }
 BLOCK: int = TINY_ENGINE_ARGS["block_size"]

@@ -1,61 +1,35 @@
-"""Two interaction replicas in the real Serve graph, of the transformers engine and of vLLM: each session's ticks
-stay on one replica, sessions spread over both, and when one replica is killed every tick still ends in one
-recorded outcome within its deadline — the sessions it served move to the survivor, with no tick hanging for the
-replacement."""
+"""Losing one of two interaction replicas, as seen by clients: each session's ticks stay on one replica,
+sessions spread over both, and when one replica is killed every tick still ends in one recorded outcome within
+its deadline — the sessions it served move to the survivor, with no tick hanging for the replacement. Run on the
+transformers engine (tests/test_serve_graph.py) and on vLLM (tests/test_vllm_graph.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from actors.ingest.ice import restrict_host_addresses
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
-from tests.fixtures_models import TEST_MODELS
-from tests.fixtures_vigil import RunningVigil, launch_vigil
+from tests.fixtures_vigil import RunningVigil
 
-pytestmark = pytest.mark.integration
-
-DEADLINE_S = 2.0
 ROUND = 4  # sessions connected at a time, until both replicas hold some
 
 
-VLLM_ENGINE_ARGS = {"dtype": "float32", "gpu_memory_utilization": 0.15, "max_model_len": 4096, "max_num_seqs": 16,
-                    "block_size": 32}
-
-
-@pytest.fixture(scope="module", params=["transformers", "vllm"])
-def vigil_two(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_random_model_dir: Path
-) -> Iterator[RunningVigil]:
-    """Two interaction replicas of the tiny random Qwen2-VL (transformers), or of vLLM with a tiny Qwen2."""
-    settings = {"VIGIL_INTERACTION_REPLICAS": "2", "VIGIL_INTERACTION_CPUS": "0.5", "VIGIL_MEMORY": "false",
-                "VIGIL_DECIDE_TIMEOUT_S": str(DEADLINE_S)}
-    model = tiny_random_model_dir
-    if request.param == "vllm":
-        pytest.importorskip("vllm")
-        from actors.interaction.models.tiny_lm import ensure_tiny_random_lm
-
-        model = ensure_tiny_random_lm(TEST_MODELS / "tiny-random-lm")
-        settings |= {"VIGIL_ENGINE": "vllm", "VIGIL_VLLM_ENGINE_ARGS": json.dumps(VLLM_ENGINE_ARGS)}
-    yield from launch_vigil(tmp_path_factory.mktemp(f"vigil-two-{request.param}"), model, **settings)
-
-
-def _scene(elapsed: float) -> np.ndarray:
+def moving_bar(elapsed: float) -> np.ndarray:
     image = np.full((240, 320, 3), 80, np.uint8)
     image[:, int(elapsed * 30) % 320] = 240
     return image
 
 
-async def test_sessions_stay_on_their_replica_and_survive_losing_one(vigil_two: RunningVigil) -> None:
+async def sessions_stay_on_their_replica_and_survive_losing_one(vigil: RunningVigil, deadline_s: float) -> None:
+    """Sessions spread over a Vigil's two interaction replicas, each on one; one replica is killed with SIGKILL;
+    every tick due meanwhile ends once, and the sessions it served settle on the survivor (`deadline_s`: the
+    Vigil's VIGIL_DECIDE_TIMEOUT_S)."""
     restrict_host_addresses(["127.0.0.1"])
     clients: list[VigilClient] = []
     try:
@@ -63,9 +37,9 @@ async def test_sessions_stay_on_their_replica_and_survive_losing_one(vigil_two: 
         # Session ids are random: a round of sessions lands on both replicas with probability 7/8; three rounds
         # leave both unused with probability 1/2048.
         while len(set(owners.values())) < 2 and len(clients) < 3 * ROUND:
-            fresh = [VigilClient(vigil_two.url) for _ in range(ROUND)]
+            fresh = [VigilClient(vigil.url) for _ in range(ROUND)]
             clients += fresh
-            await asyncio.gather(*(c.connect(SyntheticVideoTrack(_scene, fps=5), ["describe any change"])
+            await asyncio.gather(*(c.connect(SyntheticVideoTrack(moving_bar, fps=5), ["describe any change"])
                                    for c in fresh))
             await asyncio.sleep(5)
             for client in clients:
@@ -82,7 +56,7 @@ async def test_sessions_stay_on_their_replica_and_survive_losing_one(vigil_two: 
         await asyncio.sleep(8)
         # Every tick due in those 8 s has ended once its deadline has passed: read the log after that.
         cutoff = {c.session_id: max(e["tick"] for e in await c.events()) for c in clients}
-        await asyncio.sleep(DEADLINE_S + 1)
+        await asyncio.sleep(deadline_s + 1)
         first = {s: max(t["tick"] for t in events) for s, events in before.items()}
         after = {c.session_id: [e for e in await c.events() if first[c.session_id] < e["tick"] <= cutoff[
             c.session_id]] for c in clients}
