@@ -47,6 +47,13 @@ class SyntheticVideoTrack(VideoStreamTrack):
         return frame
 
 
+def raise_for_status(reply: httpx.Response) -> None:
+    """`reply.raise_for_status()`, with what Vigil said in the message (its error code and why)."""
+    if reply.is_error:
+        raise httpx.HTTPStatusError(f"{reply.status_code} from {reply.request.method} {reply.request.url.path}: "
+                                    f"{reply.text[:500]}", request=reply.request, response=reply)
+
+
 class VigilClient:
     """One session: HTTP calls with httpx, media and data channel with aiortc."""
 
@@ -74,7 +81,7 @@ class VigilClient:
     async def create(self, instructions: list[str] | None = None) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         reply = await self.http.post("/v1/sessions", json={"instructions": instructions or []}, headers=headers)
-        reply.raise_for_status()
+        raise_for_status(reply)
         self.session = reply.json()
         return self.session
 
@@ -105,7 +112,7 @@ class VigilClient:
             json={"type": "offer", "sdp": self.pc.localDescription.sdp},
             headers=self.auth(),
         )
-        reply.raise_for_status()
+        raise_for_status(reply)
         self.replica = reply.headers.get("x-vigil-replica", "")  # the ingest replica that holds the peer now
         body = reply.json()  # with "iceServers" too when Vigil hands out TURN credentials
         answer = RTCSessionDescription(sdp=body["sdp"], type=body["type"])
@@ -152,7 +159,7 @@ class VigilClient:
         reply = await self.http.get(
             f"/v1/sessions/{self.session_id}/events", params={"after": after, "limit": limit}, headers=self.auth()
         )
-        reply.raise_for_status()
+        raise_for_status(reply)
         return list(reply.json()["events"])
 
     async def recall(self, question: str, k: int = 5) -> list[str]:
@@ -160,7 +167,7 @@ class VigilClient:
         reply = await self.http.get(
             f"/v1/sessions/{self.session_id}/memory", params={"q": question, "k": k}, headers=self.auth()
         )
-        reply.raise_for_status()
+        raise_for_status(reply)
         return list(reply.json()["lines"])
 
     async def close(self, end_session: bool = True) -> None:

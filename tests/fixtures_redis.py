@@ -12,7 +12,7 @@ from actors.common.session_store import SessionStore
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), snapshots=False)  # what the suite writes need not persist
     yield server
     server.shutdown()
 

@@ -22,6 +22,7 @@ STALL_S = 15.0
 LONG_STALL_S = 30.0  # the longest outage Vigil promises to ride out: past three of Serve's health checks
 DOWN_S = 7.0
 SMALL_BUFFER = 5  # outcomes a session holds in the overflow test
+OVERFLOW_STALL_S = 10.0  # the overflow test's stall: twice the buffer
 READY_503_WITHIN_S = 1.0  # /readyz answers 503 this soon after it is asked, during the fault
 REFUSED_WITHIN_S = 1.0  # a call that needs Redis is refused (503 redis_unavailable) this soon
 READY_AGAIN_WITHIN_S = 10.0  # after the fault ends, /readyz is 200 again by itself within this

@@ -28,6 +28,7 @@ from tests.fixtures_gateway import LocalVigil, start_local_vigil
 from tests.redis_faults import (
     DOWN_S,
     LANDED_WITHIN_S,
+    OVERFLOW_STALL_S,
     SMALL_BUFFER,
     STALL_S,
     Figures,
@@ -177,12 +178,12 @@ async def test_outcomes_past_the_buffer_are_counted_and_marked_in_the_log(
     figures = Figures(f"embedded Redis stopped (SIGSTOP), {SMALL_BUFFER} outcomes buffered a session")
     vigil = vigil_with_a_small_buffer
     client = await ride_out(vigil.url, lambda: os.kill(own_redis.pid, signal.SIGSTOP),
-                             lambda: os.kill(own_redis.pid, signal.SIGCONT), STALL_S, figures)
+                             lambda: os.kill(own_redis.pid, signal.SIGCONT), OVERFLOW_STALL_S, figures)
     try:
         metrics = vigil.gateway.services.metrics.render().decode()
         figures.held = metric(metrics, "vigil_outcomes_held_total")
         figures.dropped = metric(metrics, "vigil_outcomes_dropped_total")
-        assert figures.held == SMALL_BUFFER and figures.dropped >= STALL_S - 3 - SMALL_BUFFER
+        assert figures.held == SMALL_BUFFER and figures.dropped >= OVERFLOW_STALL_S - 3 - SMALL_BUFFER
         deadline = time.monotonic() + LANDED_WITHIN_S
         while not (marks := [e for e in await client.events(limit=1000) if e["outcome"] == "skipped:unlogged"]):
             assert time.monotonic() < deadline, "no skipped:unlogged outcome in the log"

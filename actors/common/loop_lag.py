@@ -19,14 +19,15 @@ class LoopLag:
     def __init__(self, period_s: float = PERIOD_S) -> None:
         self.period_s = period_s
         self._late_s = 0.0
-        self._wake_at: float | None = None
+        self._wake_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _watch_running_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if loop is not self._loop or self._task is None or self._task.done():
-            self._loop, self._late_s, self._wake_at = loop, 0.0, None
+            # Counting starts now: a loop held before the watching task first runs is behind all the same.
+            self._loop, self._late_s, self._wake_at = loop, 0.0, loop.time() + self.period_s
             self._task = loop.create_task(self._watch(loop), name="vigil-loop-lag")
         return loop
 
@@ -40,12 +41,11 @@ class LoopLag:
     def behind_s(self) -> float:
         """Seconds the running loop has run behind since it was first asked about (a growing count)."""
         loop = self._watch_running_loop()
-        if self._wake_at is None:
-            return self._late_s
         return self._late_s + max(0.0, loop.time() - self._wake_at)
 
     async def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
-            self._wake_at = loop.time() + self.period_s
-            await asyncio.sleep(self.period_s)
-            self._late_s += max(0.0, loop.time() - self._wake_at)
+            await asyncio.sleep(max(0.0, self._wake_at - loop.time()))
+            now = loop.time()
+            self._late_s += max(0.0, now - self._wake_at)
+            self._wake_at = now + self.period_s
