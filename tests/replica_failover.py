@@ -1,7 +1,7 @@
 """Losing one of two interaction replicas, as seen by clients: each session's ticks stay on one replica,
 sessions spread over both, and when one replica is killed every tick still ends in one recorded outcome within
 its deadline — the sessions it served move to the survivor, with no tick hanging for the replacement. Run on the
-transformers engine (tests/test_serve_graph.py) and on vLLM (tests/test_vllm_graph.py)."""
+transformers engine (tests/test_interaction_failover.py) and on vLLM (tests/test_vllm_graph.py)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
-"""The real Serve graph, started as `make run` starts it (with two interaction replicas), with a tiny random
-Qwen2-VL: the whole path works.
+"""The real Serve graph, started as `make run` starts it, with a tiny random Qwen2-VL: the whole path works.
 
 A Python WebRTC client streams synthetic video; every tick comes back as exactly one outcome on the data channel
 and in the Redis log; the stage histograms, readiness and the model banner reflect the running graph. Then the
 memory replica is killed mid-session: ticks go on, and every note memory had acknowledged is still recalled
-once Serve has replaced the replica (which restores the session from Redis). Last, one interaction replica is
-killed: its sessions move to the other, every tick ending once within its deadline (tests/replica_failover.py).
+once Serve has replaced the replica (which restores the session from Redis).
 """
 
 from __future__ import annotations
@@ -33,18 +31,13 @@ from tests.deploy.promql import (
     ray_metric_names,
 )
 from tests.fixtures_vigil import RunningVigil, launch_vigil
-from tests.replica_failover import sessions_stay_on_their_replica_and_survive_losing_one
 
 pytestmark = pytest.mark.integration
-
-DEADLINE_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def vigil_tiny(tmp_path_factory: pytest.TempPathFactory, tiny_random_model_dir: Path) -> Iterator[RunningVigil]:
-    yield from launch_vigil(tmp_path_factory.mktemp("vigil-tiny"), tiny_random_model_dir,
-                            VIGIL_INTERACTION_REPLICAS="2", VIGIL_INTERACTION_CPUS="0.5",
-                            VIGIL_DECIDE_TIMEOUT_S=str(DEADLINE_S))
+    yield from launch_vigil(tmp_path_factory.mktemp("vigil-tiny"), tiny_random_model_dir)
 
 
 def _scene(elapsed: float) -> np.ndarray:
@@ -161,6 +154,3 @@ async def test_killing_the_memory_replica_loses_nothing_acknowledged(vigil_tiny:
     finally:
         await client.close()
 
-
-async def test_sessions_stay_on_their_interaction_replica_and_survive_losing_one(vigil_tiny: RunningVigil) -> None:
-    await sessions_stay_on_their_replica_and_survive_losing_one(vigil_tiny, DEADLINE_S)
