@@ -43,32 +43,33 @@ async def redis_within(timeout_s: float, what: str, lag: LoopLag | None = None) 
 @contextlib.asynccontextmanager
 async def lag_aware_timeout(timeout_s: float, lag: LoopLag | None) -> AsyncIterator[None]:
     """`asyncio.timeout(timeout_s)`, whose deadline moves on by however long the loop ran behind since the block
-    began, up to `MAX_LAG_FACTOR` times `timeout_s` in all."""
-    loop = asyncio.get_running_loop()
+    began, up to `MAX_LAG_FACTOR` times `timeout_s` in all (the loop is watched only while a block runs)."""
     if lag is None:
         async with asyncio.timeout(timeout_s):
             yield
         return
-    counted = lag.behind_s()
-    extra_left = MAX_LAG_FACTOR * timeout_s
-    handles: list[asyncio.TimerHandle] = []
-    async with asyncio.timeout(None) as bound:
+    loop = asyncio.get_running_loop()
+    with lag.watching():
+        counted = lag.behind_s()
+        extra_left = MAX_LAG_FACTOR * timeout_s
+        handles: list[asyncio.TimerHandle] = []
+        async with asyncio.timeout(None) as bound:
 
-        def expire() -> None:
-            nonlocal counted, extra_left
-            owed = min(lag.behind_s() - counted, extra_left)
-            if owed < LAG_SLACK_S:
-                bound.reschedule(loop.time())
-                return
-            counted += owed
-            extra_left -= owed
-            handles[0] = loop.call_later(owed, expire)
+            def expire() -> None:
+                nonlocal counted, extra_left
+                owed = min(lag.behind_s() - counted, extra_left)
+                if owed < LAG_SLACK_S:
+                    bound.reschedule(loop.time())
+                    return
+                counted += owed
+                extra_left -= owed
+                handles[0] = loop.call_later(owed, expire)
 
-        handles.append(loop.call_later(timeout_s, expire))
-        try:
-            yield
-        finally:
-            handles[0].cancel()
+            handles.append(loop.call_later(timeout_s, expire))
+            try:
+                yield
+            finally:
+                handles[0].cancel()
 
 
 async def quietly_within(timeout_s: float, call: Awaitable[object]) -> None:
