@@ -78,17 +78,22 @@ class VigilClient:
         """The headers of every call about this session: its token, and its id (Vigil routes by it)."""
         return {"Authorization": f"Bearer {self.session['token']}", "x-session-id": self.session_id}
 
-    async def create(self, instructions: list[str] | None = None) -> dict[str, Any]:
+    async def create(self, instructions: list[str] | None = None,
+                     speak_threshold: float | None = None) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        reply = await self.http.post("/v1/sessions", json={"instructions": instructions or []}, headers=headers)
+        body: dict[str, Any] = {"instructions": instructions or []}
+        if speak_threshold is not None:
+            body["speak_threshold"] = speak_threshold
+        reply = await self.http.post("/v1/sessions", json=body, headers=headers)
         raise_for_status(reply)
         self.session = reply.json()
         return self.session
 
-    async def connect(self, track: MediaStreamTrack, instructions: list[str] | None = None) -> None:
+    async def connect(self, track: MediaStreamTrack, instructions: list[str] | None = None,
+                      speak_threshold: float | None = None) -> None:
         """Create a session (unless created) and start streaming `track`."""
         if not self.session:
-            await self.create(instructions)
+            await self.create(instructions, speak_threshold)
         await self._offer(track)
 
     async def reconnect(self, track: MediaStreamTrack) -> None:

@@ -68,10 +68,11 @@ class LoadStream(VigilClient):
         self.closed_at: float | None = None
         self._pinger: asyncio.Task[None] | None = None
 
-    async def connect(self, track: MediaStreamTrack | None = None, instructions: list[str] | None = None) -> None:
+    async def connect(self, track: MediaStreamTrack | None = None, instructions: list[str] | None = None,
+                      speak_threshold: float | None = None) -> None:
         """Create the session, offer the replay track (send-only, VP8 only) and wait for its `hello`."""
         self.connect_began = time.monotonic()
-        await super().connect(track or self.track, instructions)
+        await super().connect(track or self.track, instructions, speak_threshold)
         self.connected_at = time.monotonic()
         self._pinger = asyncio.get_running_loop().create_task(self._ping(), name=f"load-ping-{self.index}")
 
