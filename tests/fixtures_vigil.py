@@ -100,8 +100,8 @@ def wait_for_stopping_vigils(timeout_s: float = 60.0) -> None:
 
 
 class SharedVigil:
-    """One Vigil with the demo model for the modules that only watch it work (the browser's and the load
-    generator's, which run one after the other): started by the first test that asks, stopped after the last
+    """One Vigil for the modules that only watch it work, which run one after the other: started by the first
+    test that asks (or handed over by a test that started it), stopped after the last
     (`conftest.pytest_runtest_teardown`), so it neither starts twice nor idles beside the rest of the suite."""
 
     def __init__(self) -> None:
@@ -115,10 +115,19 @@ class SharedVigil:
             self.vigil = next(self._running)
         return self.vigil
 
+    def hand_over(self, running: Generator[RunningVigil, None, None], vigil: RunningVigil) -> None:
+        """Keep a Vigil a test started (with the settings `get` would use) for the tests after it, or stop it
+        when none is to come."""
+        if self.vigil is not None or self.last_user is None:
+            running.close()
+        else:
+            self._running, self.vigil = running, vigil
+
     def stop(self) -> None:
         if self._running is not None:
             self._running.close()  # launch_vigil's `finally` stops it
         self._running, self.vigil = None, None
 
 
-SHARED_DEMO = SharedVigil()
+SHARED_DEMO = SharedVigil()  # the demo model: the browser's and the load generator's modules
+SHARED_TINY = SharedVigil()  # the tiny random model, default settings: tests/test_serve_graph.py

@@ -1,7 +1,9 @@
 """Losing one of two interaction replicas, as seen by clients: each session's ticks stay on one replica,
 sessions spread over both, and when one replica is killed every tick still ends in one recorded outcome within
-its deadline — the sessions it served move to the survivor, with no tick hanging for the replacement. Run on the
-transformers engine (tests/test_interaction_failover.py) and on vLLM (tests/test_vllm_graph.py)."""
+its deadline — the sessions it served move to the survivor, with no tick hanging for the replacement. Run on
+vLLM's engine (tests/test_vllm_graph.py): what it checks is the Serve graph's routing and the ingest's handling
+of a lost replica, the same for every engine; tests/test_replica_kills.py kills one of two openai-engine
+replicas mid-tick."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from itertools import pairwise
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import yaml
 
 from actors.ingest.ice import restrict_host_addresses
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
-from tests.fixtures_vigil import ROOT, RunningVigil, launch_vigil
+from tests.fixtures_vigil import ROOT, SHARED_TINY, RunningVigil, launch_vigil
 
 pytestmark = pytest.mark.integration
 
@@ -242,13 +242,16 @@ async def test_a_redeploy_drains_sessions_onto_the_new_replicas_and_sigterm_onto
     """A redeploy with `serve run` and a new Serve config (one ingest replica instead of two: a scale-down) tells
     every client to connect again before its replica goes; they resume on the replica that stays, numbering on.
     Then SIGTERM stops Vigil, draining them once more, and they resume on a Vigil started again on the same
-    Redis. Last in this module: it stops the module's Vigil."""
+    Redis. Last in this module: it stops the module's Vigil, and hands the new one (default settings) over to
+    the tests that use `vigil_tiny`."""
     restrict_host_addresses(["127.0.0.1"])
     by_replica = await _sessions_on_both(vigil_two_ingest, 12, stop_when_both=True)
     await _end_unused(vigil_two_ingest, by_replica)
     old_replicas = set(by_replica)
     clients = []
-    again: Iterator[RunningVigil] | None = None
+    again: Generator[RunningVigil, None, None] | None = None
+    restarted: RunningVigil | None = None
+    passed = False
     try:
         for sessions in by_replica.values():
             client = VigilClient(vigil_two_ingest.url)
@@ -290,10 +293,13 @@ async def test_a_redeploy_drains_sessions_onto_the_new_replicas_and_sigterm_onto
             await _decided_again(client)
         print(f"SIGTERM: told to reconnect after {told_after:.2f} s, Vigil exited after {stopped_after:.1f} s; "
               "both sessions resumed on a new Vigil")
+        passed = True
     finally:
         for client in clients:
-            await client.close(end_session=again is not None)
-        if again is not None:
+            await client.close(end_session=restarted is not None)
+        if again is not None and restarted is not None and passed:
+            SHARED_TINY.hand_over(again, restarted)
+        elif again is not None:
             again.close()
 
 

@@ -12,8 +12,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -30,14 +28,9 @@ from tests.deploy.promql import (
     metric_names,
     ray_metric_names,
 )
-from tests.fixtures_vigil import RunningVigil, launch_vigil
+from tests.fixtures_vigil import RunningVigil
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def vigil_tiny(tmp_path_factory: pytest.TempPathFactory, tiny_random_model_dir: Path) -> Iterator[RunningVigil]:
-    yield from launch_vigil(tmp_path_factory.mktemp("vigil-tiny"), tiny_random_model_dir)
 
 
 def _scene(elapsed: float) -> np.ndarray:

@@ -2,8 +2,7 @@
 random Qwen2 on the CPU) in the real Serve graph. Ticks of concurrent sessions are decided through it, each
 decided tick reports its prompt tokens and the share vLLM's prefix cache served — rising, as the append layout
 makes each prompt extend the last — and the metrics carry both. Then one replica is killed: its sessions move to
-the survivor, every tick ending once (tests/replica_failover.py; the transformers engine's run is in
-tests/test_interaction_failover.py)."""
+the survivor, every tick ending once (tests/replica_failover.py)."""
 
 from __future__ import annotations
 

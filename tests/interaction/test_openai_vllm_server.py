@@ -6,14 +6,8 @@ reach it as their time tags (`images=False`)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import pytest
 import pytest_asyncio
 
@@ -21,50 +15,19 @@ pytest.importorskip("vllm")
 
 from actors.common.messages import Sample, TickRequest, Turn
 from actors.interaction.engines.openai import OpenAIEngine
-from tests.fakes import free_port
-from tests.fixtures_models import TEST_MODELS
+from tests.vllm_server import MODEL_NAME, VLLM_SERVER
 
 pytestmark = pytest.mark.integration
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
-START_TIMEOUT_S = 240.0
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from actors.interaction.models.tiny_lm import ensure_tiny_random_lm
-
-    model = ensure_tiny_random_lm(TEST_MODELS / "tiny-random-lm")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--served-model-name", "tiny-lm", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--gpu-memory-utilization", "0.2", "--max-model-len", "4096", "--block-size", "32",
-               "--enforce-eager"]  # eager: a test has no use for minutes of kernel compiling
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
-    base_url = f"http://127.0.0.1:{port}/v1"
+def vllm_server() -> Iterator[str]:
+    VLLM_SERVER.start()  # started in the background at collection, unless this module was collected on its own later
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited:\n{log_path.read_text(errors='replace')[-4000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM's server not up in {START_TIMEOUT_S:.0f} s")
-            try:
-                if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        yield base_url
+        yield VLLM_SERVER.wait_ready()
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        VLLM_SERVER.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -84,7 +47,7 @@ def text_tick(threshold: float, tick: int = 5) -> TickRequest:
 
 @on_module_loop
 async def test_the_server_decides_first_and_the_threshold_applies(engine: OpenAIEngine) -> None:
-    assert engine.model == "tiny-lm"
+    assert engine.model == MODEL_NAME
     [probe] = await engine.decide([text_tick(0.5)])
     p_speak = probe.probability if probe.kind != "silent" else 1.0 - probe.probability
     assert 0.0 < p_speak < 1.0
