@@ -44,8 +44,6 @@ browser: system-packages
 run: $(STAMP)
 	$(PY) serve_app.py
 
-# The Debian packages and the lint run side by side (apt waits on the disk, the lint on one core); vLLM's install
-# comes first, as it changes the packages the lint reads.
 # vLLM's install and Debian's packages side by side (each waits mostly on the network or the disk); the lint once
 # vLLM's install is done, since it may change packages the lint reads.
 test: $(STAMP)
