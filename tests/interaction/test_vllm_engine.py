@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 import pytest
 import pytest_asyncio
 
@@ -193,6 +194,18 @@ async def test_the_speak_threshold_decides_from_vllms_probability(engine: VLLMEn
     assert below.kind in ("respond", "delegate") and below.probability == pytest.approx(p_speak, abs=1e-3)
     assert above.kind == "silent" and above.probability == pytest.approx(1.0 - p_speak, abs=1e-3)
     print(f"P(speak) of the tiny random model: {p_speak:.3f}")
+
+
+@on_module_loop
+async def test_its_processes_may_run_on_every_core(engine: VLLMEngine) -> None:
+    # vLLM's CPU build binds an instance to cores counted from the node's first: two replicas on one node would
+    # both run on core 0. The engine leaves the placement of its engine core and worker to the operating system.
+    cores = list(range(psutil.cpu_count()))
+    [core] = [child for child in psutil.Process().children() if child.name() == "VLLM::EngineCore"]
+    processes = [core, *core.children(recursive=True)]
+    assert any(process.name() == "VLLM::Worker" for process in processes)
+    assert {process.name(): process.cpu_affinity() for process in processes} == {
+        process.name(): cores for process in processes}
 
 
 @on_module_loop

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -258,6 +259,10 @@ class VLLMEngine(Engine):
             skip_special_tokens=True,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
+        # vLLM's CPU build binds an instance's threads to cores counted from the node's first ("auto"): every
+        # replica on a node would then run on core 0. The operating system places them instead, unless the
+        # operator chose a binding. (Only the CPU build reads this.)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         return AsyncLLM.from_engine_args(AsyncEngineArgs(model=source, **args), stat_loggers=self.stat_loggers or None)
 
     @property
