@@ -77,7 +77,8 @@ async def test_decisions_follow_the_frames(store: SessionStore) -> None:
     outcomes = [m["outcome"] for m in _ticks(sent)]
     assert "respond" in outcomes and "silent" in outcomes
     first_respond = outcomes.index("respond")
-    assert all(o in ("silent", "skipped:no_frame") for o in outcomes[:first_respond])
+    # Before the red frames: silence, or no tick decided at all (a 50 ms tick that ran long on a loaded machine).
+    assert all(o in ("silent", "skipped:no_frame", "skipped:busy") for o in outcomes[:first_respond]), outcomes
     _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
 
 
