@@ -1,10 +1,11 @@
 """Any replica killed with SIGKILL in the real Serve graph (the sampler's, memory's, the brain's mid-delegation, one
-of two interaction replicas, the only interaction replica): the tick in flight ends in exactly one recorded outcome
-within a second of the kill, decided where a survivor could take it, else `skipped:replica_failed`; later ticks go
-on without a busy or timed-out tick, deciding again by themselves once a replacement is up; no tick number is
-logged or received twice; a delegation whose brain replica dies ends `failed`, once, saying so, within seconds.
-The one-interaction-replica Vigil runs the openai engine, and pins that down first: ticks reach its server with the
-session's frames, and each session's threshold decides whether the server's P(speak) is enough."""
+of two interaction replicas, then both): the tick in flight ends in exactly one recorded outcome within a second of
+the kill, decided where a survivor could take it, else `skipped:replica_failed`; later ticks go on without a busy or
+timed-out tick, deciding again by themselves once a replacement is up; no tick number is logged or received twice;
+memory loses nothing it had acknowledged; a delegation whose brain replica dies ends `failed`, once, saying so,
+within seconds. The interaction replicas run the openai engine, and a test pins that down before they are killed:
+ticks reach its server with the session's frames, and each session's threshold decides whether the server's
+P(speak) is enough."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -35,6 +37,7 @@ LOST_DELEGATION_S = 2.5  # kill -> the lost delegation's failed result at the cl
 SKIP_WITHIN_S = 1.0  # a tick skipped while no interaction replica is up is skipped this soon after it is due
 CHAT_DELAY_S = 0.3  # each interaction call takes this long: a tick is in flight a third of every second
 WATCH_S = 6.0  # how long the outcomes after a kill are watched
+MEMORY_WAIT_MS = 900  # a tick that waited for memory's timeout (0.5 s) on top of its model call
 HANG_WATCH_S = 20.0  # how long the outcome of the tick in flight is waited for, at most
 REPLACED_WITHIN_S = 90.0  # Serve has started a lost replica's replacement
 DECIDED = ("silent", "respond", "delegate")
@@ -73,12 +76,6 @@ def vigil_every_role(
         VIGIL_INTERACTION_REPLICAS="2", VIGIL_SAMPLER="deployment", VIGIL_BRAIN_BACKEND="openai",
         VIGIL_BRAIN_BASE_URL=brain_chat.base_url, VIGIL_BRAIN_MODEL=MODEL,
     )
-
-
-@pytest.fixture(scope="module")
-def vigil_one_interaction(tmp_path_factory: pytest.TempPathFactory, chat: ChatServer) -> Iterator[RunningVigil]:
-    yield from launch_vigil(tmp_path_factory.mktemp("vigil-kill-one"), Path("unused"), **_openai_engine(chat),
-                            VIGIL_MEMORY="false")
 
 
 def _scene(elapsed: float) -> np.ndarray:
@@ -140,15 +137,17 @@ async def _tick_in_flight(chat: ChatServer, client: VigilClient) -> None:
     await until(lambda: calls() > before, 10)
 
 
-async def _kill(role: str, pid: int, client: VigilClient, chat: ChatServer, then: dict[str, Any] | None = None) -> Kill:
-    """SIGKILL `pid` while one of the session's ticks is in flight (and send `then` at once), and watch the
+async def _kill(role: str, pids: list[int], client: VigilClient, chat: ChatServer,
+                then: tuple[dict[str, Any], ...] = ()) -> Kill:
+    """SIGKILL `pids` while one of the session's ticks is in flight (and send `then` at once), and watch the
     next WATCH_S."""
     await _tick_in_flight(chat, client)
     last = max(tick["tick"] for tick in _ticks(client))
-    os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    if then is not None:
-        client.send(then)
+    for message in then:
+        client.send(message)
     await asyncio.sleep(WATCH_S)
     with contextlib.suppress(TimeoutError):  # a tick that hangs: how long, for the failure's message
         await until(lambda: any(tick["tick"] == last + 1 for tick in _ticks(client)), HANG_WATCH_S - WATCH_S)
@@ -170,13 +169,13 @@ async def _numbered_once(client: VigilClient) -> None:
         assert sorted(numbers) == list(range(1, max(numbers) + 1)), f"a tick twice or missing: {sorted(numbers)}"
 
 
-async def _replaced(vigil: RunningVigil, deployment: str, kill: Kill, pid: int, count: int = 1) -> float:
-    """Seconds from the kill until Serve has `count` replica processes of `deployment` again, none the killed one
+async def _replaced(vigil: RunningVigil, deployment: str, kill: Kill, killed: list[int], count: int = 1) -> float:
+    """Seconds from the kill until Serve has `count` replica processes of `deployment` again, none a killed one
     (seen at the end of the watch at the earliest)."""
     async with asyncio.timeout(REPLACED_WITHIN_S):
         while True:
             pids = vigil.replica_pids(deployment)
-            if len(pids) == count and pid not in pids:
+            if len(pids) == count and not set(killed) & set(pids):
                 return time.monotonic() - kill.killed_at
             await asyncio.sleep(0.2)
 
@@ -189,26 +188,75 @@ def _assert_no_hang(kill: Kill) -> None:
 async def test_killing_the_sampler_costs_no_tick(vigil_every_role: RunningVigil, chat: ChatServer) -> None:
     client = await _session(vigil_every_role)
     try:
-        [pid] = vigil_every_role.replica_pids("Sampler")
-        kill = await _kill("sampler", pid, client, chat)
+        pids = vigil_every_role.replica_pids("Sampler")
+        assert len(pids) == 1, pids
+        kill = await _kill("sampler", pids, client, chat)
         _assert_no_hang(kill)
         assert set(kill.outcomes()) <= set(DECIDED), kill.show()  # the ingest judges the frames meanwhile
-        print(f"sampler replaced within {await _replaced(vigil_every_role, 'Sampler', kill, pid):.1f} s")
+        print(f"sampler replaced within {await _replaced(vigil_every_role, 'Sampler', kill, pids):.1f} s")
         await _decided(client, 3, timeout=15)
         await _numbered_once(client)
     finally:
         await client.close()
 
 
-async def test_killing_memory_costs_no_tick(vigil_every_role: RunningVigil, chat: ChatServer) -> None:
+NOTES = [
+    "the spare house key is taped under the blue flower pot",
+    "the parcel from the bakery arrived at the back door",
+    "grandma called and asked about the garden hose",
+    "the cat knocked the green vase off the piano",
+    "the plumber will come back on thursday morning",
+    "the red umbrella hangs in the hall closet",
+]
+QUESTIONS = [
+    "where is the spare key hidden?",
+    "what was delivered to the back door?",
+    "who phoned about the hose?",
+    "what did the cat break?",
+    "when does the plumber return?",
+    "where is the umbrella?",
+]
+
+
+async def _recalled(client: VigilClient, question: str, note: str, timeout: float) -> float:
+    """Seconds until the session's memory recalls `note` for `question` (503s while its replica is replaced)."""
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if any(note in line for line in await client.recall(question)):
+                return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{note!r} not recalled by {question!r} within {timeout:.0f} s")
+        await asyncio.sleep(0.25)
+
+
+async def test_killing_memory_costs_no_tick_and_loses_nothing_acknowledged(
+    vigil_every_role: RunningVigil, chat: ChatServer
+) -> None:
+    """Half the notes are acknowledged (recalled) before the kill; the other half are said right after it, while
+    no memory replica is alive (queued and retried), and the next tick asks memory for fresh lines from a replica
+    that is gone. Every note is recalled once Serve has replaced the replica, which restores the session from
+    Redis."""
     client = await _session(vigil_every_role)
+    half = len(NOTES) // 2
     try:
-        [pid] = vigil_every_role.replica_pids("Memory")
-        # A question right after the kill: the next tick asks memory for fresh lines, from a replica that is gone.
-        kill = await _kill("memory", pid, client, chat, then={"type": "question", "text": "what changed?"})
+        for note in NOTES[:half]:
+            client.send({"type": "question", "text": note})
+        for note, question in zip(NOTES[:half], QUESTIONS[:half], strict=True):
+            await _recalled(client, question, note, timeout=20)
+        pids = vigil_every_role.replica_pids("Memory")
+        assert len(pids) == 1, pids
+        kill = await _kill("memory", pids, client, chat,
+                           then=tuple({"type": "question", "text": note} for note in NOTES[half:]))
         _assert_no_hang(kill)
         assert set(kill.outcomes()) <= set(DECIDED), kill.show()
-        print(f"memory replaced within {await _replaced(vigil_every_role, 'Memory', kill, pid):.1f} s")
+        # One tick waits for the memory that is gone (its 0.5 s timeout); the next ones do not ask it again at once.
+        assert sum(tick["latency_ms"] > MEMORY_WAIT_MS for tick in kill.after[1:]) <= 1, kill.show()
+        print(f"memory replaced within {await _replaced(vigil_every_role, 'Memory', kill, pids):.1f} s")
+        waits = [await _recalled(client, question, note, timeout=60)
+                 for note, question in zip(NOTES, QUESTIONS, strict=True)]
+        print(f"every note recalled again {time.monotonic() - kill.killed_at:.1f} s after the kill "
+              f"(the slowest {max(waits):.1f} s)")
         await _decided(client, 3, timeout=15)
         await _numbered_once(client)
     finally:
@@ -226,8 +274,9 @@ async def test_killing_the_brain_mid_delegation_fails_it_once_at_once(
         # The delegation is in flight on the brain replica: its model has been called (and never answers).
         await until(lambda: bool(brain_chat.calls) and any(t["outcome"] == "delegate" for t in _ticks(client)), 15)
         [delegated] = [tick for tick in _ticks(client) if tick["outcome"] == "delegate"]
-        [pid] = vigil_every_role.replica_pids("Brain")
-        kill = await _kill("brain", pid, client, chat)
+        pids = vigil_every_role.replica_pids("Brain")
+        assert len(pids) == 1, pids
+        kill = await _kill("brain", pids, client, chat)
         _assert_no_hang(kill)
         assert set(kill.outcomes()) <= set(DECIDED), kill.show()
         results = [message for message in client.messages if message["type"] == "delegation"]
@@ -239,7 +288,7 @@ async def test_killing_the_brain_mid_delegation_fails_it_once_at_once(
         assert failed_after < LOST_DELEGATION_S
         logged = await client.http.get(f"/v1/sessions/{client.session_id}/delegations", headers=client.auth())
         assert [entry["status"] for entry in logged.json()["delegations"]] == ["failed"], "recorded once"
-        print(f"brain replaced within {await _replaced(vigil_every_role, 'Brain', kill, pid):.1f} s")
+        print(f"brain replaced within {await _replaced(vigil_every_role, 'Brain', kill, pids):.1f} s")
         await _numbered_once(client)
     finally:
         await client.close()
@@ -254,7 +303,7 @@ async def test_killing_one_of_two_interaction_replicas_moves_the_tick_to_the_oth
         assert len(replicas) == 1, replicas
         [victim] = replicas
         pid = int(victim.rpartition("@")[2])
-        kill = await _kill("one of two interaction replicas", pid, client, chat)
+        kill = await _kill("one of two interaction replicas", [pid], client, chat)
         _assert_no_hang(kill)
         # The tick in flight is retried on the survivor; at most one tick meets the dead replica once more
         # before the router has dropped it, and ends as the loss's.
@@ -262,7 +311,7 @@ async def test_killing_one_of_two_interaction_replicas_moves_the_tick_to_the_oth
         assert sum(outcome not in DECIDED for outcome in kill.outcomes()) <= 1, kill.show()
         survivors = {event["replica"] for event in await client.events() if event["replica"]} - {victim}
         assert survivors, "the session decided on the other replica"
-        replaced = await _replaced(vigil_every_role, "Interaction", kill, pid, count=2)
+        replaced = await _replaced(vigil_every_role, "Interaction", kill, [pid], count=2)
         print(f"interaction replica replaced within {replaced:.1f} s")
         await _numbered_once(client)
     finally:
@@ -270,13 +319,13 @@ async def test_killing_one_of_two_interaction_replicas_moves_the_tick_to_the_oth
 
 
 async def test_the_openai_engine_decides_ticks_under_each_sessions_threshold(
-    vigil_one_interaction: RunningVigil, chat: ChatServer
+    vigil_every_role: RunningVigil, chat: ChatServer
 ) -> None:
-    """Before its replica is killed, the one-replica Vigil pins down the openai engine in the graph: ticks reach the
-    server with the session's frames and header, the banner names the engine, and a session's threshold decides
+    """Before its replicas are killed, the openai engine is pinned down in the graph: ticks reach the server with
+    the session's frames and header, the banner names the engine, and a session's threshold decides
     whether the server's P(speak) of 0.7 is enough to speak."""
     restrict_host_addresses(["127.0.0.1"])
-    eager, cautious = VigilClient(vigil_one_interaction.url), VigilClient(vigil_one_interaction.url)
+    eager, cautious = VigilClient(vigil_every_role.url), VigilClient(vigil_every_role.url)
     words, chat.script.words = chat.script.words, " A man is working on a laptop."
     try:
         for client in (eager, cautious):
@@ -302,13 +351,16 @@ async def test_the_openai_engine_decides_ticks_under_each_sessions_threshold(
     assert calls and all(c.frames for c in calls), "every call carried the session's frames"
 
 
-async def test_killing_the_only_interaction_replica_skips_ticks_until_its_replacement(
-    vigil_one_interaction: RunningVigil, chat: ChatServer
+async def test_killing_every_interaction_replica_skips_ticks_until_a_replacement(
+    vigil_every_role: RunningVigil, chat: ChatServer
 ) -> None:
-    client = await _session(vigil_one_interaction)
+    """No survivor to retry on: the tick in flight is the loss's, and the ticks until a replacement is up are
+    refused at once as overload."""
+    client = await _session(vigil_every_role)
     try:
-        [pid] = vigil_one_interaction.replica_pids("Interaction")
-        kill = await _kill("the only interaction replica", pid, client, chat)
+        pids = vigil_every_role.replica_pids("Interaction")
+        assert len(pids) == 2, pids
+        kill = await _kill("every interaction replica", pids, client, chat)
         _assert_no_hang(kill)
         assert kill.in_flight["outcome"] == "skipped:replica_failed", kill.show()
         waiting = [tick for tick in kill.after[1:] if tick["outcome"] not in DECIDED]
@@ -321,7 +373,7 @@ async def test_killing_the_only_interaction_replica_skips_ticks_until_its_replac
         back = decided["received_at"] - kill.killed_at
         skipped = [tick["outcome"] for tick in _ticks(client)
                    if kill.in_flight["tick"] < tick["tick"] < decided["tick"]]
-        print(f"the only interaction replica killed: {len(skipped)} ticks skipped ({set(skipped)}), deciding again "
+        print(f"every interaction replica killed: {len(skipped)} ticks skipped ({set(skipped)}), deciding again "
               f"{back:.1f} s after the kill")
         assert set(skipped) <= {"skipped:overload"}
         await _numbered_once(client)

@@ -56,6 +56,9 @@ class MemoryLinkSettings:
     top_k: int = 8
     timeout_s: float = 0.5
     refresh_s: float = 30.0
+    # After a failed or late fetch, ticks take the last lines without asking for this long: while a lost replica
+    # is replaced (seconds), each tick would otherwise wait `timeout_s` for nothing.
+    retry_after_s: float = 5.0
     queue: int = 256
     write_timeout_s: float = 5.0
     retry_for_s: float = 20.0
@@ -80,6 +83,7 @@ class SessionMemoryLink:
         self._context = MemoryContext()
         self._query: str | None = None
         self._fetched_at = float("-inf")
+        self._ask_again_at = float("-inf")  # time.monotonic() before which a failed memory is not asked again
         self.written = 0
 
     def start(self) -> None:
@@ -155,9 +159,12 @@ class SessionMemoryLink:
 
     async def context(self, query: str | None, fresh: bool = False) -> MemoryContext:
         """The memory of a tick's prompt for `query`; cached for `refresh_s` unless `fresh` or the query
-        changed. On a memory failure the tick goes on with what it had."""
+        changed. On a memory failure the tick goes on with what it had, and so do the ticks of the next
+        `retry_after_s`."""
         now = time.monotonic()
         if not fresh and query == self._query and now - self._fetched_at < self.settings.refresh_s:
+            return self._context
+        if now < self._ask_again_at:
             return self._context
         try:
             context = await asyncio.wait_for(
@@ -168,6 +175,7 @@ class SessionMemoryLink:
         except Exception as exc:
             self.metrics.memory_errors_total.labels(call="context").inc()
             log.debug("session %s: no fresh memory this tick: %r", self.session_id, exc)
+            self._ask_again_at = time.monotonic() + self.settings.retry_after_s
             return self._context
         self._context, self._query, self._fetched_at = context, query, now
         return context

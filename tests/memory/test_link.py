@@ -105,6 +105,22 @@ async def test_a_failing_memory_keeps_the_last_lines_and_counts() -> None:
     assert _count(metrics, "vigil_memory_errors_total", call="context") == 1
 
 
+async def test_a_failed_memory_is_not_asked_again_for_a_while() -> None:
+    """While a lost replica is replaced, the ticks after a failed fetch take the last lines at once (fresh or not)
+    instead of each waiting for a memory that is not there; once the pause is over it is asked again."""
+    memory = RecordingMemory()
+    memory.items.append(("s1", "user", "hello", 1.0))
+    link, metrics = _link(memory, refresh_s=0.0, retry_after_s=0.2)
+    context = await link.context("q")
+    memory.fail_next = 1
+    assert await link.context("q") is context
+    assert await link.context("another question", fresh=True) is context
+    assert memory.queries == ["q"] and _count(metrics, "vigil_memory_errors_total", call="context") == 1
+    await asyncio.sleep(0.25)
+    assert (await link.context("another question")).lines == context.lines
+    assert memory.queries == ["q", "another question"]
+
+
 async def test_a_slow_memory_does_not_hold_the_tick() -> None:
     class Slow(RecordingMemory):
         async def context(self, session_id: str, query: str | None, k: int) -> MemoryContext:
