@@ -6,10 +6,13 @@ that needs the model waits for this run rather than training again); `Background
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 NICE = 10  # below the tests: a test that needs the CPU takes it first
@@ -39,10 +42,24 @@ class BackgroundTraining:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The run stopped (SIGSTOP) while a test waits on another background process at the same low priority
+        (vLLM's server, tests/vllm_server.py), which would otherwise get half of the idle CPU; resumed after."""
+        process = self.process if self.running() else None
+        if process is not None:
+            os.kill(process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            if process is not None:
+                os.kill(process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """Ends a run still going (the run was cut short); it leaves no finished-looking checkpoint."""
         if self.running():
             assert self.process is not None
+            os.kill(self.process.pid, signal.SIGCONT)  # a stopped process takes SIGTERM only once it goes on
             self.process.terminate()
             try:
                 self.process.wait(10)

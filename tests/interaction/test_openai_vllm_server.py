@@ -15,6 +15,7 @@ pytest.importorskip("vllm")
 
 from actors.common.messages import Sample, TickRequest, Turn
 from actors.interaction.engines.openai import OpenAIEngine
+from tests.fixtures_models import DEMO_TRAINING
 from tests.vllm_server import MODEL_NAME, VLLM_SERVER
 
 pytestmark = pytest.mark.integration
@@ -25,7 +26,10 @@ on_module_loop = pytest.mark.asyncio(loop_scope="module")
 def vllm_server() -> Iterator[str]:
     VLLM_SERVER.start()  # started in the background at collection, unless this module was collected on its own later
     try:
-        yield VLLM_SERVER.wait_ready()
+        ready = VLLM_SERVER.wait_ready()
+        # The demo model's training, at the server's priority, would take half the CPU the server's calls need.
+        with DEMO_TRAINING.paused():
+            yield ready
     finally:
         VLLM_SERVER.stop()
 
