@@ -253,8 +253,12 @@ async def test_killing_memory_costs_no_tick_and_loses_nothing_acknowledged(
         # One tick waits for the memory that is gone (its 0.5 s timeout); the next ones do not ask it again at once.
         assert sum(tick["latency_ms"] > MEMORY_WAIT_MS for tick in kill.after[1:]) <= 1, kill.show()
         print(f"memory replaced within {await _replaced(vigil_every_role, 'Memory', kill, pids):.1f} s")
-        waits = [await _recalled(client, question, note, timeout=60)
-                 for note, question in zip(NOTES, QUESTIONS, strict=True)]
+        try:
+            waits = [await _recalled(client, question, note, timeout=60)
+                     for note, question in zip(NOTES, QUESTIONS, strict=True)]
+        except AssertionError as exc:
+            writes = [line for line in vigil_every_role.log().splitlines() if "memory write" in line]
+            raise AssertionError(f"{exc}; what the ingest logged of memory writes: {writes[-5:]}") from None
         print(f"every note recalled again {time.monotonic() - kill.killed_at:.1f} s after the kill "
               f"(the slowest {max(waits):.1f} s)")
         await _decided(client, 3, timeout=15)

@@ -143,6 +143,7 @@ class TickOutcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     missed_s: float = 0.0  # `skipped:reconnect`: the seconds of video a resumed session did not see
+    through: int = 0  # `skipped:unlogged`: the last of the ticks from `tick` on that it stands for (0: `tick` alone)
 
     @property
     def skipped(self) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
+import numpy as np
 import redis.asyncio as redis
 
 from actors.common.messages import (
@@ -53,24 +54,40 @@ class SessionClock:
     tick: int
     stream_time: float
     wall_time: float
+    # Runs of ticks (first, last) up to `tick` that were numbered and never recorded: in flight, or held for
+    # Redis, when the replica that ran them was lost or the session was taken over from it.
+    unrecorded: tuple[tuple[int, int], ...] = ()
+
+
+def unrecorded_runs(bitmap: bytes, newest: int) -> tuple[tuple[int, int], ...]:
+    """The runs of ticks 1..`newest` whose bit is clear in a `…:recorded` bitmap (Redis numbers a byte's bits from
+    its most significant one)."""
+    bits = np.unpackbits(np.frombuffer(bitmap, np.uint8))[: newest + 1]
+    clear = np.ones(newest + 1, bool)
+    clear[: bits.size] = bits == 0
+    clear[0] = False  # ticks number from 1
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], clear.astype(np.int8), [0]))))
+    return tuple((int(first), int(end) - 1) for first, end in zip(edges[::2], edges[1::2], strict=True))
 
 
 # Appends an outcome only while `owner` still holds the session, once per tick, and moves the session's clock
 # forward (ticks can be recorded out of order: a busy tick is logged while the tick before it still runs).
 # Returns 1 if recorded, 2 if this tick was recorded before (a write replayed after its reply was lost: the
 # `…:recorded` bitmap, one bit per tick, is its idempotency key), 0 if another replica has taken the session
-# over. An empty owner (a loop run without a claim, as in a one-process tool) records unconditionally.
+# over. An empty owner (a loop run without a claim, as in a one-process tool) records unconditionally. An outcome
+# that stands for the ticks up to ARGV[8] (a `skipped:unlogged` one) marks them all recorded.
 _RECORD_OUTCOME = """
 if ARGV[1] ~= '' and redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 local seen = redis.call('setbit', KEYS[4], ARGV[3], 1)
 redis.call('expire', KEYS[4], ARGV[7])
 if seen == 1 then return 2 end
+for covered = tonumber(ARGV[3]) + 1, tonumber(ARGV[8]) do redis.call('setbit', KEYS[4], covered, 1) end
 redis.call('rpush', KEYS[2], ARGV[2])
 redis.call('ltrim', KEYS[2], -tonumber(ARGV[6]), -1)
 redis.call('expire', KEYS[2], ARGV[7])
 local newest = tonumber(redis.call('hget', KEYS[3], 'tick') or '-1')
-if tonumber(ARGV[3]) > newest then
-  redis.call('hset', KEYS[3], 'tick', ARGV[3], 'stream_time', ARGV[4], 'wall_time', ARGV[5])
+if tonumber(ARGV[8]) > newest then
+  redis.call('hset', KEYS[3], 'tick', ARGV[8], 'stream_time', ARGV[4], 'wall_time', ARGV[5])
 end
 redis.call('expire', KEYS[3], ARGV[7])
 if ARGV[1] ~= '' then redis.call('expire', KEYS[1], ARGV[7]) end
@@ -261,15 +278,19 @@ class SessionStore:
 
     async def claim(self, session_id: str, owner: str) -> SessionClock | None:
         """Make `owner` (one peer connection on one replica) the only one whose ticks are recorded, taking the
-        session over from whoever held it; returns where its ticks stopped (None: it never ticked)."""
+        session over from whoever held it; returns where its ticks stopped (None: it never ticked), with the ticks
+        before that which no one can record any more."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(session_id, "owner"), owner, ex=self._ttl_s)
             pipe.hgetall(self._key(session_id, "clock"))
-            _, clock = await pipe.execute()
+            pipe.get(self._key(session_id, "recorded"))
+            _, clock, recorded = await pipe.execute()
         if not clock:
             return None
         fields = {key.decode(): value.decode() for key, value in cast(dict[bytes, bytes], clock).items()}
-        return SessionClock(int(fields["tick"]), float(fields["stream_time"]), float(fields["wall_time"]))
+        tick = int(fields["tick"])
+        return SessionClock(tick, float(fields["stream_time"]), float(fields["wall_time"]),
+                            unrecorded_runs(cast(bytes, recorded or b""), tick))
 
     async def owner(self, session_id: str) -> str | None:
         value = await self._redis.get(self._key(session_id, "owner"))
@@ -287,7 +308,7 @@ class SessionStore:
         keys = [self._key(outcome.session_id, part) for part in ("owner", "events", "clock", "recorded")]
         args: list[bytes | str | int] = [
             owner, encode(outcome), outcome.tick, repr(outcome.stream_time), repr(outcome.wall_time),
-            self._event_log_max, self._ttl_s,
+            self._event_log_max, self._ttl_s, max(outcome.tick, outcome.through),
         ]
         return bool(await self._record_outcome(keys=keys, args=args))
 

@@ -333,7 +333,8 @@ class Gateway:
         limit = max(1, min(limit, 1000))
         async with self.redis_within("event log not read"):
             outcomes = await self.store.outcomes(record.session_id, after=after, limit=limit)
-        return {"events": [tick_payload(o, o.stages_ms.get("total", 0.0)) | {"replica": o.replica} for o in outcomes]}
+        return {"events": [tick_payload(o, o.stages_ms.get("total", 0.0))
+                           | {"replica": o.replica, "through": max(o.tick, o.through)} for o in outcomes]}
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Each dependency checked at once, all together, each bounded (redis_bound.READY_CHECK_TIMEOUT_S): a

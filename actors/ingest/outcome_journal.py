@@ -50,13 +50,27 @@ class _Drops:
     count: int = 1
 
     def outcome(self) -> TickOutcome:
-        ticks = str(self.first.tick) if self.count == 1 else f"{self.first.tick}-{self.last_tick}"
-        return TickOutcome(
-            session_id=self.first.session_id, tick=self.first.tick, stream_time=self.first.stream_time,
-            outcome=UNLOGGED, wall_time=self.first.wall_time,
-            text=f"{self.count} outcomes not logged (ticks {ticks}): Redis was out of reach and the replica's "
-                 "buffer for them was full",
-        )
+        return unlogged(self.first.session_id, self.first.tick, self.last_tick, self.first.stream_time,
+                        f"{self.count} outcomes not logged (ticks {_ticks(self.first.tick, self.last_tick)}): Redis "
+                        "was out of reach and the replica's buffer for them was full", self.first.wall_time)
+
+
+def _ticks(first: int, last: int) -> str:
+    return str(first) if last <= first else f"{first}-{last}"
+
+
+def unlogged(session_id: str, first: int, last: int, stream_time: float, why: str,
+             wall_time: float | None = None) -> TickOutcome:
+    """The one `skipped:unlogged` outcome that stands for ticks `first`..`last` in the event log."""
+    return TickOutcome(session_id=session_id, tick=first, stream_time=stream_time, outcome=UNLOGGED, text=why,
+                       wall_time=time.time() if wall_time is None else wall_time, through=last if last > first else 0)
+
+
+def lost_with_their_replica(session_id: str, first: int, last: int, stream_time: float) -> TickOutcome:
+    """What a resumed session logs for ticks it finds numbered and never recorded before it."""
+    ticks = f"tick{'s' if last > first else ''} {_ticks(first, last)}"
+    return unlogged(session_id, first, last, stream_time, f"{ticks} not logged: in flight, or held for Redis, when "
+                    "the session's replica was lost or its connection taken over")
 
 
 @dataclass(slots=True)
@@ -149,7 +163,7 @@ class OutcomeJournal:
             self._start()
         else:
             self._open_drops.count += 1
-            self._open_drops.last_tick = outcome.tick
+            self._open_drops.last_tick = max(self._open_drops.last_tick, outcome.tick)
 
     def _start(self) -> None:
         if self._writer is None:

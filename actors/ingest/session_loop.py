@@ -36,7 +36,7 @@ from actors.common.session_store import SessionClock, SessionStore, new_read_id
 from actors.ingest.channel import error_message, instructions_message, settings_message, tick_message
 from actors.ingest.delegations import Brain, SessionDelegations
 from actors.ingest.frames import ArrivedFrame, LatestFrameBuffer
-from actors.ingest.outcome_journal import JournalSettings, OutcomeJournal
+from actors.ingest.outcome_journal import JournalSettings, OutcomeJournal, lost_with_their_replica
 from actors.ingest.prompt_window import PromptWindow
 from actors.ingest.untried import FAILURES_TO_TAKE_BACK, Untried
 from actors.memory.link import MemoryClient, MemoryLinkSettings, MemoryWrite, SessionMemoryLink
@@ -169,6 +169,9 @@ class SessionLoop:
     def start(self) -> None:
         if self._scheduler is None:
             if self.resumed is not None:
+                for first, last in self.resumed.unrecorded:  # the log holds one outcome for every tick number
+                    self._own_write(self._log_only(
+                        lost_with_their_replica(self.session_id, first, last, self.resumed.stream_time)))
                 self.tick += 1
                 self._record_now(self._missed(self.tick))
             self._scheduler = asyncio.create_task(self._schedule(), name=f"ticks-{self.session_id}")
@@ -500,6 +503,11 @@ class SessionLoop:
             self._held_elsewhere(outcome.tick)
             return
         self._send_and_count(outcome)
+
+    async def _log_only(self, outcome: TickOutcome) -> None:
+        """Into the event log, not to the client (which never heard of it, or heard already)."""
+        if await self.journal.record(outcome) == "refused":
+            self._held_elsewhere(outcome.tick)
 
     def _held_elsewhere(self, tick: int) -> None:
         """Taken over (a reconnect elsewhere) or ended through another replica: this peer stops at once."""

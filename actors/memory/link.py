@@ -61,7 +61,9 @@ class MemoryLinkSettings:
     retry_after_s: float = 5.0
     queue: int = 256
     write_timeout_s: float = 5.0
-    retry_for_s: float = 20.0
+    # A lost memory replica's replacement takes its writes once it has started and restored the session: 12-25 s
+    # on a loaded 2-core node (a write given up after 20 s was lost there). Writes queue behind it meanwhile.
+    retry_for_s: float = 120.0
 
 
 class SessionMemoryLink:

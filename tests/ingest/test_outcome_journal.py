@@ -13,8 +13,8 @@ import redis.asyncio as redis
 
 from actors.common.messages import TickOutcome
 from actors.common.metrics import VigilMetrics
-from actors.common.session_store import SessionStore
-from actors.ingest.outcome_journal import UNLOGGED, JournalSettings, OutcomeJournal
+from actors.common.session_store import SessionStore, unrecorded_runs
+from actors.ingest.outcome_journal import UNLOGGED, JournalSettings, OutcomeJournal, unlogged
 
 pytestmark = pytest.mark.unit
 
@@ -115,7 +115,7 @@ async def test_a_full_buffer_drops_the_overflow_counts_it_and_marks_it_once_redi
     assert await journal.record(_outcome(9)) == "recorded"
     assert [(entry.tick, entry.outcome) for entry in fake.entries] == [
         (1, "silent"), (2, "silent"), (3, "silent"), (4, UNLOGGED), (9, "silent")]
-    assert "5 outcomes not logged (ticks 4-8)" in fake.entries[3].text
+    assert "5 outcomes not logged (ticks 4-8)" in fake.entries[3].text and fake.entries[3].through == 8
     await journal.close()
 
 
@@ -213,3 +213,33 @@ async def test_a_pending_read_asked_again_gets_what_it_took(store: SessionStore)
         [{"text": "the parcel arrived"}], [{"speak_threshold": 0.8}])
     assert await store.pop_pending(session_id, "read-2") == ([{"text": "the door is open"}], [])
     assert await store.pop_pending(session_id, "read-3") == ([], [])
+
+
+async def test_a_claim_names_the_ticks_numbered_before_it_that_were_never_recorded(store: SessionStore) -> None:
+    record, _ = await store.create()
+    await store.claim(record.session_id, "replica-a/1")
+    for tick in (1, 2, 4, 5, 9):  # 3: in flight when replica A died; 6-8: held for Redis there
+        assert await store.record_outcome(_outcome(tick, record.session_id), "replica-a/1")
+    clock = await store.claim(record.session_id, "replica-b/1")
+    assert clock is not None and clock.tick == 9
+    assert clock.unrecorded == ((3, 3), (6, 8))
+    marker = unlogged(record.session_id, 6, 8, 6.0, "held for Redis when replica A died")
+    assert await store.record_outcome(marker, "replica-b/1")
+    clock = await store.claim(record.session_id, "replica-b/2")
+    assert clock is not None and clock.unrecorded == ((3, 3),), "a marker stands for every tick it names"
+
+
+async def test_a_marker_for_ticks_past_the_newest_moves_the_clock_past_them(store: SessionStore) -> None:
+    record, _ = await store.create()
+    await store.claim(record.session_id, "replica-a/1")
+    assert await store.record_outcome(_outcome(1, record.session_id), "replica-a/1")
+    assert await store.record_outcome(unlogged(record.session_id, 2, 40, 2.0, "buffer full"), "replica-a/1")
+    clock = await store.claim(record.session_id, "replica-b/1")
+    assert clock is not None and (clock.tick, clock.unrecorded) == (40, ()), "a resumed session numbers from 41"
+
+
+def test_unrecorded_runs_read_redis_bit_order() -> None:
+    assert unrecorded_runs(b"", 3) == ((1, 3),)
+    assert unrecorded_runs(bytes([0b0110_0000]), 2) == ()
+    assert unrecorded_runs(bytes([0b0101_0000]), 5) == ((2, 2), (4, 5))
+    assert unrecorded_runs(bytes([0b0111_1111, 0b1000_0000]), 8) == ()

@@ -115,6 +115,45 @@ async def test_a_session_resumes_on_the_other_replica_where_it_was(two_replicas)
         await client.close(end_session=False)
 
 
+async def test_a_tick_its_old_connection_never_recorded_is_logged_once_on_resume(two_replicas) -> None:
+    """The session is taken over while a slow tick is in flight on A and a later tick, skipped as busy, is already
+    logged: A's outcome for the slow one is refused, so B logs it (`skipped:unlogged`) and every number is there."""
+    a, b = two_replicas
+    client = VigilClient(a.url)
+    await client.connect(SyntheticVideoTrack(_scene, fps=5), instructions=["say when red"])
+    again = VigilClient(b.url)
+    try:
+        await _ticks(client, 2)
+        a.engine.delay_s = 3.0
+        busy = await _next_outcome(client, "skipped:busy")
+        again.session = client.session
+        await again.connect(SyntheticVideoTrack(_scene, fps=5))
+        await _until(lambda: client.session_id not in a.gateway.peers, timeout=10)
+        after = []
+        while len(after) < 2:
+            tick = await asyncio.wait_for(again.ticks.get(), 10)
+            if tick["outcome"] != "skipped:reconnect":
+                after.append(tick)
+        await asyncio.sleep(0.5)
+        seen_on_a = [tick for tick in client.messages if tick["type"] == "tick"]
+        events = await again.events()
+        _assert_log_continues(events, seen_on_a, after)
+        [lost] = [event for event in events if event["outcome"] == "skipped:unlogged"]
+        assert lost["tick"] < busy["tick"] and lost["through"] == lost["tick"], lost
+        assert lost["tick"] not in {tick["tick"] for tick in seen_on_a}, "A's client never heard of it"
+        assert "taken over" in lost["text"]
+    finally:
+        await again.close()
+        await client.close(end_session=False)
+
+
+async def _next_outcome(client: VigilClient, outcome: str, timeout: float = 10.0) -> dict:
+    while True:
+        tick = await asyncio.wait_for(client.ticks.get(), timeout)
+        if tick["outcome"] == outcome:
+            return tick
+
+
 async def test_a_draining_replica_tells_its_clients_to_reconnect_before_it_goes(two_replicas) -> None:
     a, b = two_replicas
     client = VigilClient(a.url)
