@@ -9,7 +9,9 @@ from tests.fixtures_gateway import *  # noqa: F403
 from tests.fixtures_models import *  # noqa: F403
 from tests.fixtures_models import DEMO_MODEL, DEMO_TRAINING
 from tests.fixtures_redis import *  # noqa: F403
-from tests.fixtures_vigil import SHARED_DEMO, SHARED_TINY, RunningVigil
+from tests.fixtures_roles import *  # noqa: F403
+from tests.fixtures_roles import ROLES_MODULES
+from tests.fixtures_vigil import SHARED_DEMO, SHARED_ROLES, SHARED_TINY, RunningVigil
 from tests.vllm_server import VLLM_SERVER
 
 # The test that leaves a Vigil with the tiny random model and default settings running, for SHARED_TINY's users.
@@ -43,9 +45,23 @@ def _run_right_after(items: list[pytest.Item], nodeid: str, fixture: str) -> Non
         items[:] = staying[: after + 1] + moving + staying[after + 1:]
 
 
+def _run_together(items: list[pytest.Item], modules: tuple[str, ...]) -> None:
+    """The tests of `modules` run one module after the other, in that order, where the first of them ran."""
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.partition("::")[0]
+
+    moving = sorted((item for item in items if module(item) in modules), key=lambda item: modules.index(module(item)))
+    if moving:
+        at = next(n for n, item in enumerate(items) if module(item) in modules)
+        staying = [item for item in items if module(item) not in modules]
+        items[:] = staying[:at] + moving + staying[at:]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _run_together(items, ROLES_MODULES)
     _run_right_after(items, TINY_HANDED_OVER_BY, "vigil_tiny")
-    for shared, fixture in ((SHARED_DEMO, "vigil_demo"), (SHARED_TINY, "vigil_tiny")):
+    shared_vigils = ((SHARED_DEMO, "vigil_demo"), (SHARED_TINY, "vigil_tiny"), (SHARED_ROLES, "vigil_every_role"))
+    for shared, fixture in shared_vigils:
         users = [item.nodeid for item in items if _uses(item, fixture)]
         shared.last_user = users[-1] if users else None
     if any(_uses(item, "demo_model_dir") for item in items):
@@ -55,7 +71,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    for shared in (SHARED_DEMO, SHARED_TINY):
+    for shared in (SHARED_ROLES, SHARED_DEMO, SHARED_TINY):
         if item.nodeid == shared.last_user:
             shared.stop()
             shared.last_user = None  # a Vigil handed over after this is not kept
@@ -69,4 +85,5 @@ def pytest_sessionfinish(session, exitstatus) -> None:  # type: ignore[no-untype
     VLLM_SERVER.stop()
     SHARED_DEMO.stop()  # running still when the run was cut short
     SHARED_TINY.stop()
+    SHARED_ROLES.stop()
     wait_for_stopping_vigils()

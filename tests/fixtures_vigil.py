@@ -109,9 +109,9 @@ class SharedVigil:
         self.vigil: RunningVigil | None = None
         self.last_user: str | None = None  # the node id of the last test that uses it (set at collection)
 
-    def get(self, workdir: Path, model_dir: Path) -> RunningVigil:
+    def get(self, workdir: Path, model_dir: Path, **env: str) -> RunningVigil:
         if self.vigil is None:
-            self._running = launch_vigil(workdir, model_dir)
+            self._running = launch_vigil(workdir, model_dir, **env)
             self.vigil = next(self._running)
         return self.vigil
 
@@ -131,3 +131,4 @@ class SharedVigil:
 
 SHARED_DEMO = SharedVigil()  # the demo model: the browser's and the load generator's modules
 SHARED_TINY = SharedVigil()  # the tiny random model, default settings: tests/test_serve_graph.py
+SHARED_ROLES = SharedVigil()  # every role its own deployment: tests/fixtures_roles.py

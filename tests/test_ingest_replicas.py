@@ -3,7 +3,8 @@ replica that holds its peer (Serve routes by the x-session-id header), and when 
 its sessions resume on the other with tick numbers and stream time going on, memory intact, and no tick number
 logged twice, while the other replica's sessions tick on undisturbed. Draining: a redeploy with `serve run` and a
 new Serve config, and SIGTERM of Vigil itself, tell each client to connect again after its last tick, and its
-session resumes on the new replicas (after SIGTERM, on a Vigil started again on the same Redis), numbering on."""
+session resumes on the new replicas (after SIGTERM, on a Vigil started again on the same Redis), numbering on.
+The Vigil is tests/fixtures_roles.py's, after tests/test_replica_kills.py has killed its other roles' replicas."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from itertools import pairwise
 from pathlib import Path
 
@@ -33,12 +34,6 @@ SERVE = Path(sys.executable).parent / "serve"  # Ray's CLI, beside the interpret
 STOP_WITHIN_S = 30.0  # SIGTERM to exit: the drain (graceful_shutdown_timeout_s), then Serve's and Ray's shutdown
 
 NOTE = "the spare key is under the blue flowerpot"
-
-
-@pytest.fixture(scope="module")
-def vigil_two_ingest(tmp_path_factory: pytest.TempPathFactory, tiny_random_model_dir: Path) -> Iterator[RunningVigil]:
-    yield from launch_vigil(tmp_path_factory.mktemp("vigil-two-ingest"), tiny_random_model_dir,
-                            VIGIL_INGEST_REPLICAS="2")
 
 
 def _scene(elapsed: float) -> np.ndarray:
@@ -69,19 +64,19 @@ async def _sessions_on_both(vigil: RunningVigil, count: int, stop_when_both: boo
     return by_replica
 
 
-async def test_sessions_spread_and_each_call_reaches_its_replica(vigil_two_ingest: RunningVigil) -> None:
+async def test_sessions_spread_and_each_call_reaches_its_replica(vigil_every_role: RunningVigil) -> None:
     restrict_host_addresses(["127.0.0.1"])
-    by_replica = await _sessions_on_both(vigil_two_ingest, 12)
+    by_replica = await _sessions_on_both(vigil_every_role, 12)
     assert len(by_replica) == 2, f"12 sessions all on one ingest replica: {list(by_replica)}"
-    assert len(vigil_two_ingest.replica_pids("Ingest")) == 2
-    async with httpx.AsyncClient(base_url=vigil_two_ingest.url, timeout=15) as http:
+    assert len(vigil_every_role.replica_pids("Ingest")) == 2
+    async with httpx.AsyncClient(base_url=vigil_every_role.url, timeout=15) as http:
         for replica, sessions in by_replica.items():
             for session in sessions:
                 assert {await _replica_of(http, session) for _ in range(3)} == {replica}
     clients = []
     try:
         for replica, sessions in by_replica.items():
-            client = VigilClient(vigil_two_ingest.url)
+            client = VigilClient(vigil_every_role.url)
             client.session = sessions[0]
             await client.connect(SyntheticVideoTrack(_scene, fps=5))
             clients.append(client)
@@ -96,7 +91,7 @@ async def test_sessions_spread_and_each_call_reaches_its_replica(vigil_two_inges
     finally:
         for client in clients:
             await client.close()
-        await _end_unused(vigil_two_ingest, by_replica)
+        await _end_unused(vigil_every_role, by_replica)
 
 
 async def _end_unused(vigil: RunningVigil, by_replica: dict[str, list[dict]]) -> None:
@@ -133,13 +128,13 @@ async def _recalled(client: VigilClient, timeout: float) -> bool:
     return False
 
 
-async def test_killing_an_ingest_replica_resumes_its_sessions_on_the_other(vigil_two_ingest: RunningVigil) -> None:
+async def test_killing_an_ingest_replica_resumes_its_sessions_on_the_other(vigil_every_role: RunningVigil) -> None:
     restrict_host_addresses(["127.0.0.1"])
-    by_replica = await _sessions_on_both(vigil_two_ingest, 12, stop_when_both=True)
+    by_replica = await _sessions_on_both(vigil_every_role, 12, stop_when_both=True)
     assert len(by_replica) == 2
-    await _end_unused(vigil_two_ingest, by_replica)
+    await _end_unused(vigil_every_role, by_replica)
     (doomed_replica, doomed_sessions), (_, kept_sessions) = by_replica.items()
-    doomed, kept = VigilClient(vigil_two_ingest.url), VigilClient(vigil_two_ingest.url)
+    doomed, kept = VigilClient(vigil_every_role.url), VigilClient(vigil_every_role.url)
     doomed.session, kept.session = doomed_sessions[0], kept_sessions[0]
     try:
         for client in (doomed, kept):
@@ -237,7 +232,7 @@ async def _told_to_reconnect(clients: list[VigilClient], timeout: float, after: 
 
 
 async def test_a_redeploy_drains_sessions_onto_the_new_replicas_and_sigterm_onto_a_new_vigil(
-        vigil_two_ingest: RunningVigil, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+        vigil_every_role: RunningVigil, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
         tiny_random_model_dir: Path) -> None:
     """A redeploy with `serve run` and a new Serve config (one ingest replica instead of two: a scale-down) tells
     every client to connect again before its replica goes; they resume on the replica that stays, numbering on.
@@ -245,8 +240,8 @@ async def test_a_redeploy_drains_sessions_onto_the_new_replicas_and_sigterm_onto
     Redis. Last in this module: it stops the module's Vigil, and hands the new one (default settings) over to
     the tests that use `vigil_tiny`."""
     restrict_host_addresses(["127.0.0.1"])
-    by_replica = await _sessions_on_both(vigil_two_ingest, 12, stop_when_both=True)
-    await _end_unused(vigil_two_ingest, by_replica)
+    by_replica = await _sessions_on_both(vigil_every_role, 12, stop_when_both=True)
+    await _end_unused(vigil_every_role, by_replica)
     old_replicas = set(by_replica)
     clients = []
     again: Generator[RunningVigil, None, None] | None = None
@@ -254,13 +249,13 @@ async def test_a_redeploy_drains_sessions_onto_the_new_replicas_and_sigterm_onto
     passed = False
     try:
         for sessions in by_replica.values():
-            client = VigilClient(vigil_two_ingest.url)
+            client = VigilClient(vigil_every_role.url)
             client.session = sessions[0]
             await client.connect(SyntheticVideoTrack(_scene, fps=5))
             await asyncio.wait_for(client.ticks.get(), 15)
             clients.append(client)
-        config = _serve_config(vigil_two_ingest, tmp_path / "one-ingest.yaml", ingest_replicas=1)
-        took = await asyncio.to_thread(_serve_run, vigil_two_ingest, config)
+        config = _serve_config(vigil_every_role, tmp_path / "one-ingest.yaml", ingest_replicas=1)
+        took = await asyncio.to_thread(_serve_run, vigil_every_role, config)
         await _told_to_reconnect(clients, timeout=60)
         for client in clients:
             await _reconnect_until_it_ticks(client, timeout=60)
@@ -268,21 +263,21 @@ async def test_a_redeploy_drains_sessions_onto_the_new_replicas_and_sigterm_onto
               f"{clients[0].replica}")
         assert len({client.replica for client in clients}) == 1
         assert clients[0].replica not in old_replicas
-        assert len(vigil_two_ingest.replica_pids("Ingest")) == 1
+        assert len(vigil_every_role.replica_pids("Ingest")) == 1
         for client in clients:
             await _decided_again(client)
         told_before = [len(client.messages) for client in clients]
-        vigil_two_ingest.process.send_signal(signal.SIGTERM)
+        vigil_every_role.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         await _told_to_reconnect(clients, timeout=30, after=told_before)
         told_after = time.monotonic() - signalled
-        assert await asyncio.to_thread(vigil_two_ingest.process.wait, STOP_WITHIN_S) == 0
+        assert await asyncio.to_thread(vigil_every_role.process.wait, STOP_WITHIN_S) == 0
         stopped_after = time.monotonic() - signalled
         before = {client.session_id: max(m["tick"] for m in client.messages if m["type"] == "tick")
                   for client in clients}
         # The operator starts Vigil again on the same (persisted) Redis; each client finds it and resumes.
         again = launch_vigil(tmp_path_factory.mktemp("vigil-again"), tiny_random_model_dir,
-                             VIGIL_REDIS_DIR=vigil_two_ingest.settings["VIGIL_REDIS_DIR"])
+                             VIGIL_REDIS_DIR=vigil_every_role.settings["VIGIL_REDIS_DIR"])
         restarted = await asyncio.to_thread(next, again)
         for client in clients:
             await client.http.aclose()

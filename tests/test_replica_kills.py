@@ -5,7 +5,7 @@ timed-out tick, deciding again by themselves once a replacement is up; no tick n
 memory loses nothing it had acknowledged; a delegation whose brain replica dies ends `failed`, once, saying so,
 within seconds. The interaction replicas run the openai engine, and a test pins that down before they are killed:
 ticks reach its server with the session's frames, and each session's threshold decides whether the server's
-P(speak) is enough."""
+P(speak) is enough. The Vigil (tests/fixtures_roles.py) goes on to tests/test_ingest_replicas.py."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +25,7 @@ from actors.ingest.delegations import BRAIN_LOST
 from actors.ingest.ice import restrict_host_addresses
 from bench.webrtc_client import SyntheticVideoTrack, VigilClient
 from tests.brain.helpers import until
-from tests.fixtures_vigil import RunningVigil, launch_vigil
+from tests.fixtures_vigil import RunningVigil
 from tests.openai_server import MODEL, ChatServer
 
 pytestmark = pytest.mark.integration
@@ -35,47 +33,23 @@ pytestmark = pytest.mark.integration
 KILL_TO_OUTCOME_S = 1.0  # the promise: the tick in flight at the kill has its one outcome within this
 LOST_DELEGATION_S = 2.5  # kill -> the lost delegation's failed result at the client (the next tick carries it)
 SKIP_WITHIN_S = 1.0  # a tick skipped while no interaction replica is up is skipped this soon after it is due
-CHAT_DELAY_S = 0.3  # each interaction call takes this long: a tick is in flight a third of every second
 WATCH_S = 6.0  # how long the outcomes after a kill are watched
 MEMORY_WAIT_MS = 900  # a tick that waited for memory's timeout (0.5 s) on top of its model call
 HANG_WATCH_S = 20.0  # how long the outcome of the tick in flight is waited for, at most
 REPLACED_WITHIN_S = 90.0  # Serve has started a lost replica's replacement
 DECIDED = ("silent", "respond", "delegate")
-WORDS = " Let me work that out. </delegation> what do the prices on the shelf add up to?"
 
 
-@pytest.fixture(scope="module")
-def chat() -> Iterator[ChatServer]:
-    """The interaction engine's model: silent unless a test makes one session speak."""
-    with ChatServer() as server:
-        server.script.delay_s = CHAT_DELAY_S
-        server.script.words = WORDS
-        yield server
+@pytest.fixture
+def chat(roles_chat: ChatServer) -> ChatServer:
+    """The interaction engine's model (tests/fixtures_roles.py): silent unless a test makes one session speak."""
+    return roles_chat
 
 
-@pytest.fixture(scope="module")
-def brain_chat() -> Iterator[ChatServer]:
+@pytest.fixture
+def brain_chat(roles_brain_chat: ChatServer) -> ChatServer:
     """The brain's model: it never answers, so a delegation is in flight until the test kills its replica."""
-    with ChatServer() as server:
-        server.script.hang = True
-        yield server
-
-
-def _openai_engine(chat: ChatServer) -> dict[str, str]:
-    return {"VIGIL_ENGINE": "openai", "VIGIL_OPENAI_BASE_URL": chat.base_url, "VIGIL_OPENAI_MODEL": MODEL,
-            "VIGIL_INTERACTION_CPUS": "0.25"}
-
-
-@pytest.fixture(scope="module")
-def vigil_every_role(
-    tmp_path_factory: pytest.TempPathFactory, chat: ChatServer, brain_chat: ChatServer
-) -> Iterator[RunningVigil]:
-    """Every role its own deployment: the sampler, memory, the brain, and two interaction replicas."""
-    yield from launch_vigil(
-        tmp_path_factory.mktemp("vigil-kills"), Path("unused"), **_openai_engine(chat),
-        VIGIL_INTERACTION_REPLICAS="2", VIGIL_SAMPLER="deployment", VIGIL_BRAIN_BACKEND="openai",
-        VIGIL_BRAIN_BASE_URL=brain_chat.base_url, VIGIL_BRAIN_MODEL=MODEL,
-    )
+    return roles_brain_chat
 
 
 def _scene(elapsed: float) -> np.ndarray:
