@@ -197,6 +197,7 @@ async def test_outcomes_past_the_buffer_are_counted_and_marked_in_the_log(
         first = marks[0]["tick"]
         assert missing == set(range(first + 1, first + len(missing) + 1)), "only the dropped ticks are missing"
         assert len(missing) + 1 == figures.dropped, "the mark takes the first dropped tick's place"
+        assert marks[0]["through"] == first + len(missing), "and says which it stands for"
     finally:
         await client.close()
     print(figures.report())
