@@ -29,6 +29,17 @@ def moving_bar(elapsed: float) -> np.ndarray:
     return image
 
 
+async def _last_deciders(client: VigilClient, count: int = 3, timeout_s: float = 30.0) -> list[str]:
+    """The replicas that decided the session's last `count` decided ticks, once it has that many (a loaded machine
+    takes a while over a new session's first ticks)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        deciders = [e["replica"] for e in await client.events() if e["replica"]]
+        if len(deciders) >= count or time.monotonic() > deadline:
+            return deciders[-count:]
+        await asyncio.sleep(0.5)
+
+
 async def sessions_stay_on_their_replica_and_survive_losing_one(vigil: RunningVigil, deadline_s: float) -> None:
     """Sessions spread over a Vigil's two interaction replicas, each on one; one replica is killed with SIGKILL;
     every tick due meanwhile ends once, and the sessions it served settle on the survivor (`deadline_s`: the
@@ -50,7 +61,7 @@ async def sessions_stay_on_their_replica_and_survive_losing_one(vigil: RunningVi
             for client in clients:
                 # The last ticks: while the second replica is still starting (vLLM takes tens of seconds), the ring
                 # holds one replica, and its sessions move once the other joins.
-                recent = [e["replica"] for e in await client.events() if e["replica"]][-3:]
+                recent = await _last_deciders(client)
                 assert len(set(recent)) == 1, f"{client.session_id} decided on {set(recent)}"
                 owners[client.session_id] = recent[0]
         assert len(set(owners.values())) == 2, f"sessions not spread over both replicas: {owners}"
