@@ -126,6 +126,11 @@ class VigilConfig(BaseModel):
         default=400, ge=50, le=20_000, description="the most video a client is asked to send (b=AS in the answer): "
         "the model sees a frame a second at image_size, and decoding costs the ingest CPU in proportion",
     )
+    video_bandwidth_estimate: bool = Field(
+        default=False, description="negotiate the receiver's bandwidth estimate (REMB over abs-send-time): a "
+        "computation per packet and, on a loaded replica, RTCP for many packets; without it the sender adapts to "
+        "the losses the receiver reports, under video_max_kbps",
+    )
     session_ttl_s: int = 13 * 3600
     unconnected_session_ttl_s: int = Field(
         default=120, ge=1, description="a created session whose offer is not accepted this soon expires; an accepted "

@@ -14,7 +14,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from actors.common.config import VigilConfig
 from actors.common.messages import EngineInfo
 from actors.common.session_store import SessionClock
-from actors.ingest.bitrate import cap_video_bitrate
+from actors.ingest.bitrate import cap_video_bitrate, without_receiver_estimate
 from actors.ingest.channel import (
     ChannelError,
     error_message,
@@ -108,6 +108,8 @@ class PeerSession:
         limits = self.config.limits
         check_offer(offer_sdp, limits.max_sdp_bytes, limits.max_tracks)
         sdp = filter_remote_candidates(offer_sdp, self.config.ice_allowed_networks)
+        if not self.config.video_bandwidth_estimate:
+            sdp = without_receiver_estimate(sdp)
         try:
             await asyncio.wait_for(self._negotiate(sdp), NEGOTIATION_TIMEOUT_S)
         except InvalidOffer:
