@@ -48,6 +48,23 @@ async def _ticks(client: VigilClient, count: int, timeout: float = 10.0) -> list
     return [await asyncio.wait_for(client.ticks.get(), timeout) for _ in range(count)]
 
 
+async def _next_outcome(client: VigilClient, outcome: str, timeout: float = 10.0) -> dict:
+    while True:
+        tick = await asyncio.wait_for(client.ticks.get(), timeout)
+        if tick["outcome"] == outcome:
+            return tick
+
+
+async def _past_the_gap(client: VigilClient, count: int) -> list[dict]:
+    """The resumed connection's next `count` ticks after its `skipped:reconnect`."""
+    after: list[dict] = []
+    while len(after) < count:
+        tick = await asyncio.wait_for(client.ticks.get(), 10)
+        if tick["outcome"] != "skipped:reconnect":
+            after.append(tick)
+    return after
+
+
 async def _until(predicate, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -102,11 +119,7 @@ async def test_a_session_resumes_on_the_other_replica_where_it_was(two_replicas)
         # The peer left on replica A stops at its next tick: its outcome is refused, so it closes.
         await _until(lambda: client.session_id not in a.gateway.peers, timeout=5)
         assert old_peer.loop.lost
-        after = []
-        while len(after) < 3:
-            tick = await asyncio.wait_for(again.ticks.get(), 10)
-            if tick["outcome"] != "skipped:reconnect":
-                after.append(tick)
+        after = await _past_the_gap(again, 3)
         await asyncio.sleep(0.5)
         seen_on_a = [tick for tick in client.messages if tick["type"] == "tick"]
         _assert_log_continues(await again.events(), seen_on_a, after)
@@ -129,11 +142,7 @@ async def test_a_tick_its_old_connection_never_recorded_is_logged_once_on_resume
         again.session = client.session
         await again.connect(SyntheticVideoTrack(_scene, fps=5))
         await _until(lambda: client.session_id not in a.gateway.peers, timeout=10)
-        after = []
-        while len(after) < 2:
-            tick = await asyncio.wait_for(again.ticks.get(), 10)
-            if tick["outcome"] != "skipped:reconnect":
-                after.append(tick)
+        after = await _past_the_gap(again, 2)
         await asyncio.sleep(0.5)
         seen_on_a = [tick for tick in client.messages if tick["type"] == "tick"]
         events = await again.events()
@@ -145,13 +154,6 @@ async def test_a_tick_its_old_connection_never_recorded_is_logged_once_on_resume
     finally:
         await again.close()
         await client.close(end_session=False)
-
-
-async def _next_outcome(client: VigilClient, outcome: str, timeout: float = 10.0) -> dict:
-    while True:
-        tick = await asyncio.wait_for(client.ticks.get(), timeout)
-        if tick["outcome"] == outcome:
-            return tick
 
 
 async def test_a_draining_replica_tells_its_clients_to_reconnect_before_it_goes(two_replicas) -> None:
