@@ -49,19 +49,46 @@ async def _replica_of(http: httpx.AsyncClient, session: dict) -> str:
     return reply.headers["x-vigil-replica"]
 
 
-async def _sessions_on_both(vigil: RunningVigil, count: int, stop_when_both: bool = False) -> dict[str, list[dict]]:
-    """Up to `count` new sessions (not connected), grouped by the replica their calls reach; `stop_when_both`:
-    only until each replica has one."""
+async def _sessions_on_both(vigil: RunningVigil, count: int) -> dict[str, list[dict]]:
+    """`count` new sessions (not connected), grouped by the replica their calls reach."""
     by_replica: dict[str, list[dict]] = {}
     async with httpx.AsyncClient(base_url=vigil.url, timeout=15) as http:
         for _ in range(count):
-            if stop_when_both and len(by_replica) == 2:
-                break
             reply = await http.post("/v1/sessions", json={"instructions": ["say when something red shows"]})
             reply.raise_for_status()
             session = reply.json()
             by_replica.setdefault(await _replica_of(http, session), []).append(session)
     return by_replica
+
+
+async def _one_session_on_each(vigil: RunningVigil, timeout: float = 90) -> dict[str, dict]:
+    """A new session (not connected) on each of the two ingest replicas. New sessions are made until both have
+    one, for as long as a replica killed by an earlier test takes to be routed to again, and until each still
+    reaches its replica once both are routed to (a replica that joins moves some sessions); the rest end."""
+    on: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=vigil.url, timeout=15) as http:
+
+        async def end(session: dict) -> None:
+            await http.delete(f"/v1/sessions/{session['session_id']}", headers={
+                "Authorization": f"Bearer {session['token']}", "x-session-id": session["session_id"]})
+
+        while True:
+            for replica, session in list(on.items()):
+                if await _replica_of(http, session) != replica:
+                    await end(on.pop(replica))
+            if len(on) == 2:
+                return on
+            assert time.monotonic() < deadline, f"after {timeout:.0f} s new sessions reach only {list(on)}"
+            reply = await http.post("/v1/sessions", json={"instructions": ["say when something red shows"]})
+            reply.raise_for_status()
+            session = reply.json()
+            replica = await _replica_of(http, session)
+            if replica in on:
+                await end(session)
+                await asyncio.sleep(0.2)
+            else:
+                on[replica] = session
 
 
 async def test_sessions_spread_and_each_call_reaches_its_replica(vigil_every_role: RunningVigil) -> None:
@@ -130,12 +157,9 @@ async def _recalled(client: VigilClient, timeout: float) -> bool:
 
 async def test_killing_an_ingest_replica_resumes_its_sessions_on_the_other(vigil_every_role: RunningVigil) -> None:
     restrict_host_addresses(["127.0.0.1"])
-    by_replica = await _sessions_on_both(vigil_every_role, 12, stop_when_both=True)
-    assert len(by_replica) == 2
-    await _end_unused(vigil_every_role, by_replica)
-    (doomed_replica, doomed_sessions), (_, kept_sessions) = by_replica.items()
+    (doomed_replica, doomed_session), (_, kept_session) = (await _one_session_on_each(vigil_every_role)).items()
     doomed, kept = VigilClient(vigil_every_role.url), VigilClient(vigil_every_role.url)
-    doomed.session, kept.session = doomed_sessions[0], kept_sessions[0]
+    doomed.session, kept.session = doomed_session, kept_session
     try:
         for client in (doomed, kept):
             await client.connect(SyntheticVideoTrack(_scene, fps=5))
@@ -240,18 +264,20 @@ async def test_a_redeploy_drains_sessions_onto_the_new_replicas_and_sigterm_onto
     Redis. Last in this module: it stops the module's Vigil, and hands the new one (default settings) over to
     the tests that use `vigil_tiny`."""
     restrict_host_addresses(["127.0.0.1"])
-    by_replica = await _sessions_on_both(vigil_every_role, 12, stop_when_both=True)
-    await _end_unused(vigil_every_role, by_replica)
-    old_replicas = set(by_replica)
+    # Both replicas hold a session (the one the last test killed is routed to again), so that once both clients
+    # are told to reconnect, neither old replica is left to resume them.
+    on_replica = await _one_session_on_each(vigil_every_role)
+    old_replicas = set(on_replica)
     clients = []
     again: Generator[RunningVigil, None, None] | None = None
     restarted: RunningVigil | None = None
     passed = False
     try:
-        for sessions in by_replica.values():
+        for replica, session in on_replica.items():
             client = VigilClient(vigil_every_role.url)
-            client.session = sessions[0]
+            client.session = session
             await client.connect(SyntheticVideoTrack(_scene, fps=5))
+            assert client.replica == replica
             await asyncio.wait_for(client.ticks.get(), 15)
             clients.append(client)
         config = _serve_config(vigil_every_role, tmp_path / "one-ingest.yaml", ingest_replicas=1)
