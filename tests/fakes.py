@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from actors.common.messages import Decision, EngineInfo, MemoryContext, TickRequest
+from actors.common.messages import Decision, EngineInfo, MemoryContext, SampleVerdict, TickRequest
 from actors.common.replicas import ReplicaFailed
 from actors.interaction.engine import Engine, EngineError
+from actors.sampler.frame_sampler import FrameSampler
 
 
 class ScriptedEngine(Engine):
@@ -149,3 +150,19 @@ class RecordingMemory:
 
     async def check_health(self) -> None:
         self._maybe_fail()
+
+
+def threaded_sample(sampler: FrameSampler) -> Callable[..., Any]:
+    """A session loop's `sample` without Ray: the frame made and sampled (its pixels in the sample) in a worker
+    thread, as the ingest's sampler does."""
+
+    def made_and_sampled(to_rgb: Callable[[], np.ndarray], stream_time: float, previous: bytes | None,
+                         due: bool) -> tuple[np.ndarray, SampleVerdict]:
+        rgb = to_rgb()
+        return rgb, sampler.sample(rgb, stream_time, previous, due)
+
+    async def sample(to_rgb: Callable[[], np.ndarray], stream_time: float, previous: bytes | None,
+                     due: bool) -> tuple[np.ndarray, SampleVerdict]:
+        return await asyncio.to_thread(made_and_sampled, to_rgb, stream_time, previous, due)
+
+    return sample

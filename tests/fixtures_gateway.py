@@ -24,7 +24,7 @@ from actors.ingest.session_loop import TickServices
 from actors.interaction.engine import Engine
 from actors.memory.link import MemoryClient
 from actors.sampler.frame_sampler import FrameSampler
-from tests.fakes import LocalEngineHandle, ScriptedEngine, ServerThread, red_pixels
+from tests.fakes import LocalEngineHandle, ScriptedEngine, ServerThread, red_pixels, threaded_sample
 
 LOOPBACK = {"ice_host_addresses": ["127.0.0.1"], "ice_allowed_networks": ["127.0.0.0/8"]}
 
@@ -55,9 +55,6 @@ def start_local_vigil(
     store = SessionStore.from_url(redis.url, config.session_ttl_s, config.event_log_max)
     sampler = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
 
-    async def sample(rgb, stream_time, previous, due):
-        return await asyncio.to_thread(sampler.sample, rgb, stream_time, previous, due)
-
     handle = LocalEngineHandle(engine)
     metrics = VigilMetrics()
     runner = None
@@ -86,7 +83,7 @@ def start_local_vigil(
 
         brain = Brain(delegate=delegate, cancel=cancel, cancel_session=cancel_session, follow=follow)
     services = TickServices(
-        sample=sample, decide=handle.decide, store=store, metrics=metrics, memory=memory, brain=brain
+        sample=threaded_sample(sampler), decide=handle.decide, store=store, metrics=metrics, memory=memory, brain=brain
     )
     gateway = Gateway(config, store, services, handle)
     asyncio.run(gateway.start())

@@ -30,11 +30,12 @@ def local_ray() -> Iterator[None]:
 async def test_kept_frames_travel_as_their_refs_and_come_back_whole(local_ray: None) -> None:
     sampler = InlineSampler(VigilConfig(image_size=64))
     frames = [np.full((48, 64, 3), value, np.uint8) for value in (10, 200)]
-    first = await sampler.sample(frames[0], 1.0, None, True)
-    second = await sampler.sample(frames[1], 2.0, first.signature, True)
+    made, first = await sampler.sample(lambda: frames[0], 1.0, None, True)
+    assert made is frames[0]
+    _, second = await sampler.sample(lambda: frames[1], 2.0, first.signature, True)
     assert first.sample is not None and second.sample is not None and first.sample.ref is not None
     assert first.sample.rgb == b"", "the ingest keeps no copy of a stored frame's pixels"
-    unchanged = await sampler.sample(frames[1], 2.5, second.signature, False)
+    _, unchanged = await sampler.sample(lambda: frames[1], 2.5, second.signature, False)
     assert not unchanged.keep and unchanged.sample is None
     lookback = Sample(0.5, 64, 48, frames[0].tobytes())  # from memory: no ref, travels with its pixels
     request = TickRequest(session_id="s_refs", tick=3, stream_time=2.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import time
@@ -45,7 +46,10 @@ log = logging.getLogger(__name__)
 
 JOURNAL_CLOSE_S = 3.0  # a closing session's held outcomes get this long to land (Redis may still be out)
 
-SampleFn = Callable[[np.ndarray, float, bytes | None, bool], Awaitable[SampleVerdict]]
+# The sampler is handed how to make the frame (RGB at the model's size) and makes it in the same worker thread as
+# its judgement: one hop off the event loop a tick. It answers with the frame and its verdict.
+RgbFn = Callable[[], np.ndarray]
+SampleFn = Callable[[RgbFn, float, bytes | None, bool], Awaitable[tuple[np.ndarray, SampleVerdict]]]
 DecideFn = Callable[[TickRequest], Awaitable[Decision]]
 SendFn = Callable[[str], None]
 
@@ -291,8 +295,13 @@ class SessionLoop:
 
     async def add_frame(self, rgb: np.ndarray, stream_time: float) -> None:
         """Sample a frame (RGB at the model's size) into the next prompts, and into memory as a keyframe when the
-        scene changed: what each tick does with its frame, and a request with several frames with the earlier ones."""
-        verdict = await self.services.sample(rgb, stream_time, self._signature, True)
+        scene changed: what a request with several frames does with the earlier ones."""
+        await self._sample(lambda: rgb, stream_time)
+
+    async def _sample(self, to_rgb: RgbFn, stream_time: float) -> np.ndarray:
+        """What each tick does with its frame: made by `to_rgb` and judged off the event loop, kept in the next
+        prompts (and as a keyframe when the scene changed). Returns the frame."""
+        rgb, verdict = await self.services.sample(to_rgb, stream_time, self._signature, True)
         self._signature = verdict.signature
         if verdict.sample is not None:
             self.prompt.add_frame(verdict.sample)
@@ -301,6 +310,7 @@ class SessionLoop:
                 # A camera that keeps moving changes every second: keyframes are rationed, not one a tick.
                 self._keyframe_at = stream_time
                 self._remember("keyframe", "a new scene", stream_time, rgb)  # the sample's pixels, held here
+        return rgb
 
     async def _run_tick(self, tick: int) -> None:
         arrived = self.frames.take()
@@ -330,9 +340,9 @@ class SessionLoop:
     async def _decide_tick(self, tick: int, arrived: ArrivedFrame, deadline: float) -> TickOutcome:
         started = time.monotonic()
         stream_time = self.frames.stream_time(arrived.arrival)
-        rgb = await asyncio.to_thread(frame_to_rgb, arrived.frame, self.config.image_size,
-                                      self.config.limits.max_frame_pixels)
-        await self.add_frame(rgb, stream_time)
+        self._read_pending()  # Redis answers while the frame is made and judged
+        rgb = await self._sample(functools.partial(frame_to_rgb, arrived.frame, self.config.image_size,
+                                                   self.config.limits.max_frame_pixels), stream_time)
         sampled = time.monotonic()
         stages = {"wait": (started - arrived.arrival) * 1000, "sample": (sampled - started) * 1000}
         inbox_items, changes = await self._take_pending()
@@ -424,18 +434,16 @@ class SessionLoop:
         """The inbox items and control changes waiting in Redis, or none this tick when Redis does not answer
         within `redis_tick_timeout_s` (no wait at all while it keeps not answering): the read goes on, and the
         next tick takes what it brought, or asks again with the same id."""
-        if self._reading is None:
-            self._reading = asyncio.create_task(self.services.store.pop_pending(self.session_id, self._read_id),
-                                                name=f"pending-{self.session_id}")
         wait = 0.0 if self._reads_late else self.config.redis_tick_timeout_s
-        done, _ = await asyncio.wait({self._reading}, timeout=wait)
+        reading = self._read_pending()
+        done, _ = await asyncio.wait({reading}, timeout=wait)
         if not done:
             if not self._reads_late:
                 log.warning("session %s: Redis did not answer the pending read in %.2f s; ticks go on without it",
                             self.session_id, wait)
             self._reads_late = True
             return [], []
-        reading, self._reading = self._reading, None
+        self._reading = None
         try:
             taken = reading.result()
         except Exception as exc:  # out of reach: the same read is asked again next tick
@@ -445,6 +453,13 @@ class SessionLoop:
         self._reads_late = False
         self._read_id = new_read_id()
         return taken
+
+    def _read_pending(self) -> asyncio.Task[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+        """Ask Redis for what waits for the session, unless a read is on its way already."""
+        if self._reading is None:
+            self._reading = asyncio.create_task(self.services.store.pop_pending(self.session_id, self._read_id),
+                                                name=f"pending-{self.session_id}")
+        return self._reading
 
     def _apply(self, changes: list[dict[str, Any]]) -> None:
         """Settings changed through another replica while this one runs the session."""

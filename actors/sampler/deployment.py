@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import ray
@@ -50,6 +51,11 @@ class Sampler:
         return await asyncio.to_thread(self.sampler.judge, rgb, previous, due)
 
 
+def _made_and_stored(to_rgb: Callable[[], np.ndarray]) -> tuple[np.ndarray, ray.ObjectRef]:
+    rgb = to_rgb()
+    return rgb, ray.put(rgb)
+
+
 def _stored_sample(rgb: np.ndarray, stream_time: float, change_score: float, ref: ray.ObjectRef) -> Sample:
     """A kept frame as a sample whose pixels are in the object store only (no copy in the ingest)."""
     return Sample(stream_time=stream_time, width=rgb.shape[1], height=rgb.shape[0], rgb=b"",
@@ -65,13 +71,14 @@ class RemoteSampler:
         self.fallback = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
         self._inline_until = float("-inf")  # time.monotonic() until which frames are judged here
 
-    async def sample(self, rgb: np.ndarray, stream_time: float, previous: bytes | None, due: bool) -> SampleVerdict:
-        """`rgb`: the frame at the model's size (the ingest's `frame_to_rgb`)."""
-        ref = await asyncio.to_thread(ray.put, rgb)
+    async def sample(self, to_rgb: Callable[[], np.ndarray], stream_time: float, previous: bytes | None,
+                     due: bool) -> tuple[np.ndarray, SampleVerdict]:
+        """`to_rgb` makes the frame at the model's size (the ingest's `frame_to_rgb`); the frame and its verdict."""
+        rgb, ref = await asyncio.to_thread(_made_and_stored, to_rgb)
         verdict = await self._judge(rgb, ref, previous, due)
         if not verdict.keep:
-            return verdict
-        return dataclasses.replace(verdict, sample=_stored_sample(rgb, stream_time, verdict.change_score, ref))
+            return rgb, verdict
+        return rgb, dataclasses.replace(verdict, sample=_stored_sample(rgb, stream_time, verdict.change_score, ref))
 
     async def _judge(self, rgb: np.ndarray, ref: ray.ObjectRef, previous: bytes | None, due: bool) -> SampleVerdict:
         if time.monotonic() >= self._inline_until:
@@ -94,13 +101,18 @@ class InlineSampler:
     def __init__(self, config: VigilConfig) -> None:
         self.sampler = FrameSampler(config.image_size, config.change_threshold, config.limits.max_frame_pixels)
 
-    async def sample(self, rgb: np.ndarray, stream_time: float, previous: bytes | None, due: bool) -> SampleVerdict:
-        return await asyncio.to_thread(self._sample, rgb, stream_time, previous, due)
+    async def sample(self, to_rgb: Callable[[], np.ndarray], stream_time: float, previous: bytes | None,
+                     due: bool) -> tuple[np.ndarray, SampleVerdict]:
+        """The frame `to_rgb` makes, and its verdict: both in one worker thread."""
+        return await asyncio.to_thread(self._sample, to_rgb, stream_time, previous, due)
 
-    def _sample(self, rgb: np.ndarray, stream_time: float, previous: bytes | None, due: bool) -> SampleVerdict:
+    def _sample(self, to_rgb: Callable[[], np.ndarray], stream_time: float, previous: bytes | None,
+                due: bool) -> tuple[np.ndarray, SampleVerdict]:
+        rgb = to_rgb()
         verdict = self.sampler.judge(rgb, previous, due)
         if not verdict.keep:
-            return verdict
+            return rgb, verdict
         # A kept frame goes into the object store once: the interaction calls of its ticks carry the ref.
-        return dataclasses.replace(verdict, sample=_stored_sample(rgb, stream_time, verdict.change_score, ray.put(rgb)))
+        sample = _stored_sample(rgb, stream_time, verdict.change_score, ray.put(rgb))
+        return rgb, dataclasses.replace(verdict, sample=sample)
 

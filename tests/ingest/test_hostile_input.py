@@ -38,7 +38,7 @@ from actors.memory.embedder import Embedder, HashingEmbedder
 from actors.memory.store import decode_entry, encode_entry
 from actors.memory.tiers import MemoryItem
 from actors.sampler.frame_sampler import FrameSampler
-from tests.fakes import LocalEngineHandle, ScriptedEngine
+from tests.fakes import LocalEngineHandle, ScriptedEngine, threaded_sample
 from tests.hostile_text import BOUNDED, client_text, hostile_text, split_control_token, wire_message
 
 pytestmark = pytest.mark.unit
@@ -160,9 +160,6 @@ async def _session(
     record, _ = await store.create(("watch",))
     sampler = FrameSampler(56, 0.1, 10**6)
 
-    async def sample(rgb, t, previous, due):
-        return await asyncio.to_thread(sampler.sample, rgb, t, previous, due)
-
     requests: list[TickRequest] = []
 
     async def recorded(request: TickRequest) -> Decision:
@@ -170,7 +167,7 @@ async def _session(
         return await decide(request)
 
     sent: list[dict] = []
-    services = TickServices(sample=sample, decide=recorded, store=store, metrics=VigilMetrics())
+    services = TickServices(sample=threaded_sample(sampler), decide=recorded, store=store, metrics=VigilMetrics())
     config = VigilConfig(redis_url=redis_url, tick_interval_s=INTERVAL, image_size=56)
     loop = SessionLoop(record.session_id, config, services, LatestFrameBuffer(),
                        lambda text: sent.append(json.loads(text.encode("utf-8"))), record.instructions)

@@ -21,7 +21,7 @@ from actors.common.session_store import SessionStore
 from actors.ingest.frames import LatestFrameBuffer
 from actors.ingest.session_loop import SessionLoop, TickServices
 from actors.sampler.frame_sampler import FrameSampler
-from tests.fakes import LocalEngineHandle, RecordingMemory, ScriptedEngine, red_pixels
+from tests.fakes import LocalEngineHandle, RecordingMemory, ScriptedEngine, red_pixels, threaded_sample
 
 pytestmark = pytest.mark.unit
 
@@ -37,11 +37,9 @@ def _loop(
 ) -> tuple[SessionLoop, list[dict]]:
     sampler = FrameSampler(32, 0.1, 10**6)
 
-    async def sample(rgb, t, previous, due):
-        return await asyncio.to_thread(sampler.sample, rgb, t, previous, due)
-
     sent: list[dict] = []
-    services = TickServices(sample=sample, decide=decide, store=store, metrics=VigilMetrics(), memory=memory)
+    services = TickServices(sample=threaded_sample(sampler), decide=decide, store=store, metrics=VigilMetrics(),
+                            memory=memory)
     loop = SessionLoop("s_test", _config(**config), services, LatestFrameBuffer(),
                        lambda text: sent.append(json.loads(text)), instructions)
     loop.session_id = "s_" + uuid.uuid4().hex
