@@ -123,6 +123,7 @@ class EngineInfo:
     model: str
     demo: bool = False
     note: str = ""
+    image_pixels: int = 0  # the most pixels of a frame the model's processor takes (0: not known)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.brain.deployment import RemoteBrain
 from actors.common.config import VigilConfig
+from actors.common.frame_size import model_side
+from actors.common.messages import EngineInfo
 from actors.common.metrics import VigilMetrics
 from actors.common.replicas import session_affinity
 from actors.common.session_store import SessionStore
@@ -32,7 +34,20 @@ from actors.interaction.deployment import RemoteEngine
 from actors.memory.deployment import RemoteMemory
 from actors.sampler.deployment import InlineSampler, RemoteSampler
 
+log = logging.getLogger(__name__)
+
 DRAIN_GRACE_S = 1.0  # how long a draining replica gives its clients to read "reconnect" before closing
+
+
+def frames_for_model(config: VigilConfig, info: EngineInfo) -> VigilConfig:
+    """The config with frames no bigger than the model takes: a processor that brings every image down to a few
+    thousand pixels (the demo model's: 12,544) is not sent 448-pixel frames to convert, store, send and scale."""
+    side = model_side(config.image_size, info.image_pixels)
+    if side >= config.image_size:
+        return config
+    log.info("frames go to the model at most %d px on their longest side (image_size %d): its processor takes "
+             "%d pixels of a frame", side, config.image_size, info.image_pixels)
+    return config.model_copy(update={"image_size": side})
 
 
 def session_brain(remote: RemoteBrain) -> Brain:
@@ -56,6 +71,7 @@ class Ingest:
         logging.basicConfig(level=logging.INFO)
         restrict_host_addresses(config.ice_host_addresses)
         engine = RemoteEngine(interaction)
+        config = frames_for_model(config, await engine.info())
         store = SessionStore.from_url(config.redis_url or "", config.session_ttl_s, config.event_log_max)
 
         frames = RemoteSampler(sampler, config) if sampler is not None else InlineSampler(config)

@@ -96,6 +96,7 @@ async def test_engine_must_be_started(tiny_random_model_dir: Path) -> None:
     await engine.start()
     await engine.check_health()
     assert engine.info().model == str(tiny_random_model_dir) and not engine.info().demo
+    assert engine.info().image_pixels == 112 * 112  # its processor's budget, which the ingest sizes frames to
     engine.close()
 
 
@@ -121,6 +122,7 @@ async def test_demo_model_speaks_only_when_the_current_frame_shows_the_disc(
     for name, right in by_case.items():
         assert sum(right) >= 19, f"{name}: {sum(right)}/20 right"
     assert demo_engine.info().demo and demo_engine.info().note == DEMO_NOTE
+    assert demo_engine.info().image_pixels == 112 * 112
 
 
 async def test_memory_in_the_prompt_does_not_sway_the_demo_model(demo_engine: TransformersEngine) -> None:

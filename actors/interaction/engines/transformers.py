@@ -39,7 +39,13 @@ from actors.common.decisions import DECISION_PREFIXES, RESPONSE, SILENCE, parse_
 from actors.common.messages import Decision, EngineInfo, TickRequest
 from actors.common.model_source import ModelUnavailable, resolve_model
 from actors.interaction.engine import Engine, EngineError
-from actors.interaction.engines.qwen_vl_inputs import QWEN2_VL_CHAT_TEMPLATE, EncodedBatch, PromptEncoder, sample_image
+from actors.interaction.engines.qwen_vl_inputs import (
+    QWEN2_VL_CHAT_TEMPLATE,
+    EncodedBatch,
+    PromptEncoder,
+    pixel_budget,
+    sample_image,
+)
 from actors.interaction.models.demo import DEMO_MODEL_NAME, DEMO_NOTE, ensure_demo_model, is_demo_checkpoint
 from actors.interaction.prompt import Prompt, build_prompt
 
@@ -268,7 +274,9 @@ class TransformersEngine(Engine):
         )
         model.to(self.device).eval()
         encoder: PromptEncoder | _ProcessorEncoder
+        image_pixels = 0  # the processor's budget, where it says one
         if qwen_vl:
+            image_pixels = pixel_budget(image_processor)
             image_token_id = getattr(config, "image_token_id", None)
             if image_token_id is None:
                 image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -292,6 +300,7 @@ class TransformersEngine(Engine):
         self.loaded_from = source
         if is_demo_checkpoint(source):
             self._info = EngineInfo(engine=ENGINE_NAME, model=DEMO_MODEL_NAME, demo=True, note=DEMO_NOTE)
+        self._info = dataclasses.replace(self._info, image_pixels=image_pixels)
         logger.info(
             "loaded %s (%s, %d parameters) on %s in %.1f s",
             source,
