@@ -14,7 +14,7 @@ from actors.common.messages import EngineInfo
 from actors.ingest.deployment import frames_for_model
 from actors.ingest.frames import LatestFrameBuffer
 from actors.ingest.session_loop import frame_to_rgb
-from actors.interaction.engines.qwen_vl_inputs import pixel_budget
+from actors.interaction.engines.transformers import pixel_budget
 from actors.interaction.models.tiny_vlm import build_image_processor
 
 pytestmark = pytest.mark.unit

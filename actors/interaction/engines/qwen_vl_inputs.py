@@ -92,16 +92,6 @@ class EncodedBatch:
         return EncodedBatch(tensors=moved, prompt_length=self.prompt_length)
 
 
-def pixel_budget(image_processor: Any) -> int:
-    """The most pixels (height times width) a Qwen-VL image processor brings an image down to: its
-    `size["longest_edge"]`, which for these processors counts pixels, not a side (0 where it has none)."""
-    size = getattr(image_processor, "size", None)
-    try:
-        return int(size["longest_edge"]) if size is not None else 0
-    except (KeyError, TypeError, ValueError):
-        return 0
-
-
 class PromptEncoder:
     """Turns tick prompts into Qwen2-VL inputs: input_ids, attention_mask, pixel_values, image_grid_thw.
 

@@ -43,7 +43,6 @@ from actors.interaction.engines.qwen_vl_inputs import (
     QWEN2_VL_CHAT_TEMPLATE,
     EncodedBatch,
     PromptEncoder,
-    pixel_budget,
     sample_image,
 )
 from actors.interaction.models.demo import DEMO_MODEL_NAME, DEMO_NOTE, ensure_demo_model, is_demo_checkpoint
@@ -57,6 +56,16 @@ logger = logging.getLogger(__name__)
 ENGINE_NAME = "transformers"
 # Families whose inputs PromptEncoder builds exactly as their own processor would.
 QWEN_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+
+
+def pixel_budget(image_processor: Any) -> int:
+    """The most pixels (height times width) a Qwen-VL image processor brings an image down to: its
+    `size["longest_edge"]`, which for these processors counts pixels, not a side (0 where it has none)."""
+    size = getattr(image_processor, "size", None)
+    try:
+        return int(size["longest_edge"]) if size is not None else 0
+    except (KeyError, TypeError, ValueError):
+        return 0
 _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
