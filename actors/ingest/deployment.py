@@ -71,7 +71,8 @@ class Ingest:
         logging.basicConfig(level=logging.INFO)
         restrict_host_addresses(config.ice_host_addresses)
         engine = RemoteEngine(interaction)
-        config = frames_for_model(config, await engine.info())
+        engine_info = await engine.info()
+        config = frames_for_model(config, engine_info)
         store = SessionStore.from_url(config.redis_url or "", config.session_ttl_s, config.event_log_max)
 
         frames = RemoteSampler(sampler, config) if sampler is not None else InlineSampler(config)
@@ -86,7 +87,7 @@ class Ingest:
             start_http_server(config.metrics_port, registry=services.metrics.registry)
         replica = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"
         self.gateway = Gateway(config, store, services, engine, replica)
-        await self.gateway.start()
+        await self.gateway.start(engine_info)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_api(self.gateway)

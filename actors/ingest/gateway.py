@@ -89,8 +89,9 @@ class Gateway:
         self.quotas = SessionQuotas(store.client, limits.max_sessions_per_key, limits.max_sessions_per_address)
         self.loop_lag = LoopLag()  # what the Redis bounds of requests discount (redis_bound.py)
 
-    async def start(self) -> None:
-        self.engine_info = await self.engine.info()
+    async def start(self, engine_info: EngineInfo | None = None) -> None:
+        """`engine_info`: the engine's, when the caller asked it already."""
+        self.engine_info = engine_info or await self.engine.info()
         self.services.metrics.watch_event_loop(asyncio.get_running_loop(), self.open_peer_connections)
 
     def open_peer_connections(self) -> int:

@@ -66,6 +66,8 @@ def pixel_budget(image_processor: Any) -> int:
         return int(size["longest_edge"]) if size is not None else 0
     except (KeyError, TypeError, ValueError):
         return 0
+
+
 _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
