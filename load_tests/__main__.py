@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     clip.add_argument("--trigger-s", type=float, default=2.0, help="how long the disc shows each time")
     clip.add_argument("--keyframe-s", type=float, default=2.0, help="a keyframe this often")
     clip.add_argument("--bitrate-kbps", type=int, default=ClipSpec().bitrate_kbps)
+    clip.add_argument("--temporal-layers", type=int, choices=(1, 2), default=ClipSpec().temporal_layers,
+                      help="2: every other frame in a second layer, as the page sends it (default); 1: one layer")
     clip.add_argument("--seed", type=int, default=0)
     clip.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="encoded clips (default %(default)s)")
     return p
@@ -98,7 +100,7 @@ def scenario_from(args: argparse.Namespace, url: str) -> Scenario:
     width, height = args.size
     clip = ClipSpec(width=width, height=height, fps=args.fps, seconds=args.clip_s, triggers=args.triggers,
                     trigger_s=args.trigger_s, keyframe_s=args.keyframe_s, bitrate_kbps=args.bitrate_kbps,
-                    seed=args.seed)
+                    temporal_layers=args.temporal_layers, seed=args.seed)
     instructions = tuple(args.instruction) if args.instruction else DEFAULT_INSTRUCTIONS
     settings: dict[str, Any] = {
         "url": url, "streams": args.streams, "seconds": args.seconds, "warmup_s": args.warmup_s, "clip": clip,

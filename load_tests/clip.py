@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 # Bump when the drawing or the encoding changes: cached clips of an older recipe are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,7 @@ class ClipSpec:
     trigger_s: float = 2.0
     keyframe_s: float = 2.0
     bitrate_kbps: int = 400  # what the page sends: Vigil caps video at 400 kbit/s
+    temporal_layers: int = 2  # what the page sends (L1T2); 1: every frame in one layer
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,6 +53,8 @@ class ClipSpec:
             raise ValueError(f"fps {self.fps}: must be 1 to 30")
         if not 1.0 <= self.seconds <= 120.0:
             raise ValueError(f"clip of {self.seconds} s: must be 1 to 120 s")
+        if self.temporal_layers not in (1, 2):
+            raise ValueError(f"temporal_layers {self.temporal_layers}: must be 1 or 2")
         if self.trigger_s <= 0 or self.keyframe_s <= 0 or self.bitrate_kbps <= 0:
             raise ValueError("trigger_s, keyframe_s and bitrate_kbps must be positive")
         ordered = sorted(self.triggers)

@@ -5,6 +5,9 @@ So the clip is encoded once (in a child process, so the generator never loads th
 stream sends the same packets. The first packet is a keyframe and one follows every `keyframe_s`, so a
 receiver that joins or loses a packet decodes again within that time (replayed packets cannot answer a
 keyframe request).
+
+With two temporal layers (`temporal_layers`, the default, as the page sends them) the frames that no later
+frame refers to are layer 1, the rest layer 0; `layers` gives each packet's layer for its RTP descriptor.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class EncodedClip:
 
     spec: ClipSpec
     packets: tuple[bytes, ...]
+    layers: tuple[int, ...]  # each packet's temporal layer (0 or 1)
 
     @property
     def keyframes(self) -> tuple[int, ...]:
@@ -51,8 +55,18 @@ def is_vp8_keyframe(data: bytes) -> bool:
     return bool(data) and not data[0] & 1
 
 
+def temporal_layers(packets: tuple[bytes, ...]) -> tuple[int, ...]:
+    """Each packet's layer: 1 for a frame that updates none of the decoder's references, so that no later frame
+    needs it (FFmpeg's VP8 decoder, told to skip such frames, gives nothing for it), 0 for the others."""
+    decoder = av.CodecContext.create("vp8", "r")
+    assert isinstance(decoder, av.VideoCodecContext)
+    decoder.skip_frame = "NONREF"
+    return tuple(0 if decoder.decode(av.Packet(data)) else 1 for data in packets)
+
+
 def encode_clip(spec: ClipSpec) -> EncodedClip:
-    """Draw and encode the clip with libvpx (real-time settings, a keyframe every `keyframe_s`)."""
+    """Draw and encode the clip with libvpx (real-time settings, a keyframe every `keyframe_s`; two temporal
+    layers, libvpx's 2-layer pattern, unless `temporal_layers` is 1)."""
     codec = av.CodecContext.create("libvpx", "w")
     assert isinstance(codec, av.VideoCodecContext)
     codec.width, codec.height, codec.pix_fmt = spec.width, spec.height, "yuv420p"
@@ -61,6 +75,13 @@ def encode_clip(spec: ClipSpec) -> EncodedClip:
     codec.bit_rate = spec.bitrate_kbps * 1000
     codec.gop_size = max(1, round(spec.keyframe_s * spec.fps))
     codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+    if spec.temporal_layers == 2:
+        base_kbps = spec.bitrate_kbps * 3 // 5
+        layering = ("ts_number_layers=2:ts_rate_decimator=2,1:ts_periodicity=2:ts_layer_id=0,1:ts_layering_mode=2:"
+                    f"ts_target_bitrate={base_kbps},{spec.bitrate_kbps}")
+        # Error-resilient: no frame keeps its entropy updates for the next, so dropping layer 1 changes nothing
+        # in the frames of layer 0 (what browsers do with temporal layers).
+        codec.options |= {"error-resilient": "1", "ts-parameters": layering}
     packets: list[bytes] = []
     for index, rgb in enumerate(render_frames(spec)):
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
@@ -69,7 +90,12 @@ def encode_clip(spec: ClipSpec) -> EncodedClip:
     packets.extend(bytes(packet) for packet in codec.encode(None))
     if len(packets) != spec.frame_count or not is_vp8_keyframe(packets[0]):
         raise RuntimeError(f"libvpx gave {len(packets)} packets for {spec.frame_count} frames")
-    return EncodedClip(spec=spec, packets=tuple(packets))
+    return _clip(spec, tuple(packets))
+
+
+def _clip(spec: ClipSpec, packets: tuple[bytes, ...]) -> EncodedClip:
+    layers = temporal_layers(packets) if spec.temporal_layers == 2 else (0,) * len(packets)
+    return EncodedClip(spec=spec, packets=packets, layers=layers)
 
 
 def write_ivf(path: Path, clip: EncodedClip) -> None:
@@ -100,7 +126,7 @@ def read_ivf(path: Path, spec: ClipSpec) -> EncodedClip:
         offset += size
     if len(packets) != spec.frame_count or offset != len(data):
         raise ValueError(f"{path} is truncated or holds another clip")
-    return EncodedClip(spec=spec, packets=tuple(packets))
+    return _clip(spec, tuple(packets))
 
 
 def _encode_to(spec: ClipSpec, path: Path) -> None:

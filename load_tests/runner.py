@@ -22,7 +22,7 @@ import psutil
 from actors.ingest.ice import restrict_host_addresses
 from load_tests.clip import ClipSpec
 from load_tests.packets import DEFAULT_CACHE_DIR, EncodedClip
-from load_tests.replay import PacketReplayTrack
+from load_tests.replay import PacketReplayTrack, send_temporal_layers
 from load_tests.report import LoadReport, Window, overall_report, role_reports, stream_report
 from load_tests.server_usage import RoleUsage, VigilProcesses, role_usage
 from load_tests.stream import LoadStream
@@ -88,6 +88,7 @@ class LoadRun:
         self.clip = clip
         self.processes = processes
         self.progress = progress
+        send_temporal_layers(clip)  # a clip with temporal layers goes out as the page sends it
         self.streams = [LoadStream(i, scenario.url, PacketReplayTrack(clip), api_key=scenario.api_key)
                         for i in range(scenario.streams)]
 

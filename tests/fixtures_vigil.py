@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import free_port
 
@@ -37,6 +38,17 @@ class RunningVigil:
         found = subprocess.run(["pgrep", "-s", str(self.process.pid), "-f", f"ServeReplica:vigil:{deployment}"],
                                capture_output=True, text=True)
         return [int(pid) for pid in found.stdout.split()]
+
+    async def video_frames(self) -> dict[str, float]:
+        """What an ingest replica counted of the video frames it received: decoded, and dropped unread."""
+        async with httpx.AsyncClient(base_url=self.url) as http:
+            text = (await http.get("/metrics")).text
+        counts = {"decoded": 0.0, "dropped": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "vigil_video_frames_total":
+                    counts[sample.labels["result"]] += sample.value
+        return counts
 
 
 def launch_vigil(workdir: Path, model_dir: Path, **env: str) -> Generator[RunningVigil, None, None]:

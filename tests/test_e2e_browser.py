@@ -43,6 +43,7 @@ async def _start_watching(page: Any, url: str) -> None:
 
 async def test_response_within_two_seconds_of_the_trigger(vigil_demo: RunningVigil, tmp_path: Path) -> None:
     clip = write_trigger_clip(tmp_path / "trigger.y4m", seconds=CLIP_S, trigger_at_s=TRIGGER_AT_S)
+    frames_before = await vigil_demo.video_frames()
     async with chromium_page(clip, origin=vigil_demo.url) as browser:
         page = browser.page
         await _start_watching(page, vigil_demo.url)
@@ -66,6 +67,9 @@ async def test_response_within_two_seconds_of_the_trigger(vigil_demo: RunningVig
         assert silent >= 5
         text = await page.locator("#responses .response").first.inner_text()
         assert "red" in text.lower()
+        # The page sends two temporal layers; the ingest decoded the lower one only, about every other frame.
+        frames = {result: count - frames_before[result] for result, count in (await vigil_demo.video_frames()).items()}
+        assert frames["decoded"] > 30 and frames["dropped"] >= 0.35 * (frames["decoded"] + frames["dropped"]), frames
         # The page asks the session's memory: what was said comes back with its stream time.
         await page.fill("#recall-input", "when did you see the red disc?")
         await page.click("#recall")

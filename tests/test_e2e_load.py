@@ -7,6 +7,7 @@ replayed frames are decoded and decided, the trigger is answered, and each role'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from aiortc.codecs.vpx import VpxPayloadDescriptor
 from aiortc.mediastreams import MediaStreamError
 
 from load_tests import packets
 from load_tests.clip import ClipSpec
 from load_tests.packets import EncodedClip, cached_clip, is_vp8_keyframe
-from load_tests.replay import VIDEO_CLOCK_RATE, PacketReplayTrack
+from load_tests.replay import VIDEO_CLOCK_RATE, LayeredVp8Packer, PacketReplayTrack
 from load_tests.report import Window, overall_report, stream_report
 from load_tests.runner import LoadRun, Scenario
 from load_tests.server_usage import REPLICA_TITLE, ProcessUsage, VigilProcesses, role_usage
@@ -90,6 +92,7 @@ def test_another_clip_gets_its_own_cache_entry(cache_dir: Path) -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize("bad", [
     {"width": 641}, {"fps": 0}, {"triggers": (9.5,)}, {"triggers": (2.0, 3.0), "trigger_s": 2.0}, {"seconds": 0.5},
+    {"temporal_layers": 3},
 ])
 def test_a_clip_that_cannot_be_built_is_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -141,6 +144,33 @@ async def test_the_replayed_packets_decode_to_the_clip_with_its_disc(small_clip:
     assert len(frames) == SMALL.frame_count
     assert all(f.shape == (SMALL.height, SMALL.width, 3) for f in frames)
     assert [red_center(f) for f in frames] == [SMALL.disc_at(i / SMALL.fps) for i in range(SMALL.frame_count)]
+
+
+@pytest.mark.unit
+async def test_each_replayed_packet_carries_its_temporal_layer_into_its_rtp_descriptors(
+    small_clip: EncodedClip,
+) -> None:
+    assert small_clip.layers[0] == 0 and 1 in small_clip.layers  # two layers, as the page sends them
+    clock = VirtualClock()
+    track = PacketReplayTrack(small_clip, clock=clock, sleep=clock.sleep)
+    packer = LayeredVp8Packer(small_clip)
+    tl0_indices = []
+    for index in range(len(small_clip.packets)):
+        packet = await track.recv()
+        payloads, timestamp = packer.pack(packet)
+        assert timestamp == index * VIDEO_CLOCK_RATE // SMALL.fps
+        descriptors = [VpxPayloadDescriptor.parse(payload) for payload in payloads]
+        assert b"".join(data for _, data in descriptors) == small_clip.packets[index]
+        for descriptor, _ in descriptors:
+            assert descriptor.tid == (small_clip.layers[index], small_clip.layers[index])
+            tl0_indices.append(descriptor.tl0picidx)
+    assert tl0_indices[-1] == small_clip.layers.count(0)  # counts the layer-0 frames sent
+
+
+@pytest.mark.unit
+def test_a_clip_of_one_layer_has_every_packet_in_layer_0(tmp_path: Path) -> None:
+    clip = cached_clip(dataclasses.replace(SMALL, temporal_layers=1), tmp_path)
+    assert clip.layers == (0,) * SMALL.frame_count
 
 
 @pytest.mark.unit

@@ -63,6 +63,9 @@ async def test_ticks_flow_through_the_serve_graph(vigil_tiny: RunningVigil) -> N
         assert ready == {"redis": True, "engine": True, "memory": True, "ok": True}
         assert 'vigil_tick_stage_seconds_count{stage="decide"}' in metrics
         assert "vigil_active_sessions 2.0" in metrics
+        # aiortc's encoder sends one temporal layer: every frame is decoded, none dropped.
+        frames = await vigil_tiny.video_frames()
+        assert frames["decoded"] >= 10 and frames["dropped"] == 0, frames
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     async with httpx.AsyncClient(base_url=vigil_tiny.url) as http:

@@ -186,11 +186,16 @@ async function connectPeer() {
   state.dc = dc;
   if (state.stream) {
     const track = state.stream.getVideoTracks()[0];
-    pc.addTransceiver(track, {
-      direction: "sendonly",
-      streams: [state.stream],
-      sendEncodings: [{ maxFramerate: MAX_FRAMERATE, maxBitrate: MAX_BITRATE }],
-    });
+    const encoding = { maxFramerate: MAX_FRAMERATE, maxBitrate: MAX_BITRATE };
+    try {
+      // Two temporal layers: Vigil decodes the lower one only (a frame in two), which is all its ticks need.
+      pc.addTransceiver(track, {
+        direction: "sendonly", streams: [state.stream], sendEncodings: [{ ...encoding, scalabilityMode: "L1T2" }],
+      });
+    } catch (error) {
+      // A browser without temporal layers sends every frame in one layer, all of which Vigil decodes.
+      pc.addTransceiver(track, { direction: "sendonly", streams: [state.stream], sendEncodings: [encoding] });
+    }
   } else {
     // Vigil reads the video itself (a URL or an upload): the offer still has its video section, and sends nothing.
     pc.addTransceiver("video", { direction: "recvonly" });

@@ -126,6 +126,11 @@ class VigilConfig(BaseModel):
         default=400, ge=50, le=20_000, description="the most video a client is asked to send (b=AS in the answer): "
         "the model sees a frame a second at image_size, and decoding costs the ingest CPU in proportion",
     )
+    video_decode_layers: int = Field(
+        default=1, ge=0, le=4, description="how many temporal layers of a VP8 stream the ingest decodes (0: all): "
+        "the page sends two, and a tick takes a frame a second, so layer 0 alone (2.5 of 5 frames a second) is "
+        "enough and halves the decoding; a stream without layers is decoded whole",
+    )
     video_bandwidth_estimate: bool = Field(
         default=False, description="negotiate the receiver's bandwidth estimate (REMB over abs-send-time): a "
         "computation per packet and, on a loaded replica, RTCP for many packets; without it the sender adapts to "

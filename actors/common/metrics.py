@@ -111,6 +111,12 @@ class VigilMetrics:
             buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0), registry=self.registry,
         )
 
+        self.video_frames_total = Counter(
+            "vigil_video_frames_total", "Frames of the VP8 streams received, by what the ingest did with them: "
+            "decoded, or dropped unread (above the temporal layers it decodes, actors/ingest/video_layers.py).",
+            ["result"], registry=self.registry,
+        )
+
         # Counted at each scrape (watch_event_loop): what a long run watches for leaks.
         self.asyncio_tasks = Gauge(
             "vigil_asyncio_tasks", "Asyncio tasks not yet done on the event loop that serves the ingest's API.",

@@ -30,6 +30,7 @@ from actors.ingest.delegations import Brain
 from actors.ingest.gateway import Gateway, build_api
 from actors.ingest.ice import restrict_host_addresses
 from actors.ingest.session_loop import TickServices
+from actors.ingest.video_layers import decode_layers
 from actors.interaction.deployment import RemoteEngine
 from actors.memory.deployment import RemoteMemory
 from actors.sampler.deployment import InlineSampler, RemoteSampler
@@ -70,6 +71,9 @@ class Ingest:
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         restrict_host_addresses(config.ice_host_addresses)
+        metrics = VigilMetrics()
+        frame_counts = {result: metrics.video_frames_total.labels(result=result) for result in ("decoded", "dropped")}
+        decode_layers(config.video_decode_layers, lambda result: frame_counts[result].inc())
         engine = RemoteEngine(interaction)
         engine_info = await engine.info()
         config = frames_for_model(config, engine_info)
@@ -77,7 +81,7 @@ class Ingest:
 
         frames = RemoteSampler(sampler, config) if sampler is not None else InlineSampler(config)
         services = TickServices(
-            sample=frames.sample, decide=engine.decide, store=store, metrics=VigilMetrics(),
+            sample=frames.sample, decide=engine.decide, store=store, metrics=metrics,
             memory=RemoteMemory(memory) if memory is not None else None,
             brain=session_brain(RemoteBrain(brain)) if brain is not None else None,
         )
