@@ -30,7 +30,9 @@ VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
 
 
 class PacketReplayTrack(MediaStreamTrack):
-    """Sends packet i of the clip (looping) at `started + i / fps`; stream time 0 is the first packet."""
+    """Sends packet i of the clip (looping) at `started + i / fps`; stream time 0 is the first packet, sent
+    `start_delay_s` after the sender first asks (streams started at random moments, as users start theirs, so that
+    their frames and triggers fall at any moment of Vigil's tick seconds)."""
 
     kind = "video"
 
@@ -39,11 +41,13 @@ class PacketReplayTrack(MediaStreamTrack):
         clip: EncodedClip,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        start_delay_s: float = 0.0,
     ) -> None:
         super().__init__()
         self.clip = clip
         self._clock = clock
         self._sleep = sleep
+        self.start_delay_s = start_delay_s
         self.started: float | None = None
         self.sent = 0
 
@@ -55,6 +59,8 @@ class PacketReplayTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         if self.started is None:
+            if self.start_delay_s > 0:
+                await self._sleep(self.start_delay_s)
             self.started = self._clock()
         fps = self.clip.spec.fps
         delay = self.started + self.sent / fps - self._clock()

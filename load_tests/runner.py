@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sys
 import time
 from collections import Counter
@@ -89,8 +90,10 @@ class LoadRun:
         self.processes = processes
         self.progress = progress
         send_temporal_layers(clip)  # a clip with temporal layers goes out as the page sends it
-        self.streams = [LoadStream(i, scenario.url, PacketReplayTrack(clip), api_key=scenario.api_key)
-                        for i in range(scenario.streams)]
+        # Each stream starts its clip at a moment of its own in Vigil's tick second (the same for the same run).
+        starts = random.Random(clip.spec.seed)
+        self.streams = [LoadStream(i, scenario.url, PacketReplayTrack(clip, start_delay_s=starts.random()),
+                                   api_key=scenario.api_key) for i in range(scenario.streams)]
 
     async def run(self) -> LoadReport:
         scenario = self.scenario

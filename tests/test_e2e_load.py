@@ -134,6 +134,17 @@ async def test_two_tracks_replay_the_same_packets_each_on_its_own_clock(small_cl
 
 
 @pytest.mark.unit
+async def test_a_track_that_starts_late_counts_its_stream_time_from_its_first_packet(small_clip: EncodedClip) -> None:
+    clock = VirtualClock()
+    track = PacketReplayTrack(small_clip, clock=clock, sleep=clock.sleep, start_delay_s=0.37)
+    first = await track.recv()
+    assert bytes(first) == small_clip.packets[0] and first.pts == 0
+    assert track.started == pytest.approx(100.37) and track.stream_time(100.37) == 0.0
+    await track.recv()
+    assert clock.now == pytest.approx(100.37 + 1 / SMALL.fps)
+
+
+@pytest.mark.unit
 async def test_the_replayed_packets_decode_to_the_clip_with_its_disc(small_clip: EncodedClip) -> None:
     clock = VirtualClock()
     track = PacketReplayTrack(small_clip, clock=clock, sleep=clock.sleep)

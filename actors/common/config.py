@@ -107,6 +107,11 @@ class VigilConfig(BaseModel):
     )
 
     tick_interval_s: float = 1.0
+    tick_frame_wait_s: float = Field(
+        default=0.45, ge=0.0, le=2.0, description="a tick whose newest frame is older than a quarter of the frame "
+        "interval waits this long at most (and half the tick interval) for the next frame, when one is expected "
+        "by then, unless its previous tick still runs: it decides on a frame that just arrived (0: never waits)",
+    )
     short_term_frames: int = 4
     prompt_layout: Literal["auto", "window", "append"] = Field(
         default="auto", description="window: the newest short_term_frames frames; append: the prompt grows by a "

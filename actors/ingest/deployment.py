@@ -29,6 +29,7 @@ from actors.common.session_store import SessionStore
 from actors.ingest.delegations import Brain
 from actors.ingest.gateway import Gateway, build_api
 from actors.ingest.ice import restrict_host_addresses
+from actors.ingest.jitter import hand_frames_on_at_their_last_packet
 from actors.ingest.session_loop import TickServices
 from actors.ingest.video_layers import decode_layers
 from actors.interaction.deployment import RemoteEngine
@@ -71,6 +72,7 @@ class Ingest:
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         restrict_host_addresses(config.ice_host_addresses)
+        hand_frames_on_at_their_last_packet()
         metrics = VigilMetrics()
         frame_counts = {result: metrics.video_frames_total.labels(result=result) for result in ("decoded", "dropped")}
         decode_layers(config.video_decode_layers, lambda result: frame_counts[result].inc())

@@ -146,6 +146,7 @@ class SessionLoop:
         self._keyframe_at = float("-inf")
         self._scheduler: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[None] | None = None
+        self._started_late_s = 0.0  # how long after its due time the last tick started
         self._writes: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
         # The event log is written behind when Redis does not answer in time (actors/ingest/outcome_journal.py).
@@ -264,11 +265,27 @@ class SessionLoop:
                          self.session_id, self.config.heartbeat_timeout_s)
                 self.closed.set()
                 return
+            waited = 0.0
+            previous = self._inflight
+            if previous is not None and not previous.done() and self._started_late_s > 0:
+                # The tick before started late (it waited for its frame): it has as long as one started on time.
+                await asyncio.wait({previous}, timeout=self._started_late_s)
+                waited = loop.time() - next_at
+            if not self._running():
+                # A moment for the next frame when the newest is old (LatestFrameBuffer.aligned).
+                limit = min(self.config.tick_frame_wait_s, interval / 2)
+                waited += await self.frames.aligned(max(0.0, limit - waited))
             self.tick += 1
-            if self._inflight is not None and not self._inflight.done():
+            if self._running():
+                self._started_late_s = 0.0
                 self._record_now(self._skipped(self.tick, "busy"))
                 continue
-            self._inflight = asyncio.create_task(self._run_tick(self.tick), name=f"tick-{self.session_id}")
+            self._started_late_s = waited
+            self._inflight = asyncio.create_task(self._run_tick(self.tick, waited), name=f"tick-{self.session_id}")
+
+    def _running(self) -> bool:
+        """Whether the session's last tick is still deciding."""
+        return self._inflight is not None and not self._inflight.done()
 
     def _skipped(self, tick: int, reason: str, stream_time: float | None = None) -> TickOutcome:
         if stream_time is None:
@@ -312,16 +329,18 @@ class SessionLoop:
                 self._remember("keyframe", "a new scene", stream_time, rgb)  # the sample's pixels, held here
         return rgb
 
-    async def _run_tick(self, tick: int) -> None:
-        arrived = self.frames.take()
-        deadline = time.time() + self.config.decide_timeout_s
+    async def _run_tick(self, tick: int, waited: float = 0.0) -> None:
+        """Decide tick `tick` on the newest frame; `waited`: how long after its due time it was started."""
+        arrival = time.monotonic()
         try:
+            arrived = self.frames.take()
+            deadline = time.time() + self.config.decide_timeout_s
             if arrived is None:
                 outcome = self._skipped(tick, "no_frame")
                 arrival = time.monotonic()
             else:
                 arrival = arrived.arrival
-                outcome = await asyncio.wait_for(self._decide_tick(tick, arrived, deadline),
+                outcome = await asyncio.wait_for(self._decide_tick(tick, arrived, deadline, waited),
                                                  self.config.decide_timeout_s)
         except asyncio.CancelledError:
             self._record_now(self._skipped(tick, "closed"))
@@ -337,7 +356,7 @@ class SessionLoop:
             outcome = self._skipped(tick, "engine_error")
         await self._record(outcome, arrival)
 
-    async def _decide_tick(self, tick: int, arrived: ArrivedFrame, deadline: float) -> TickOutcome:
+    async def _decide_tick(self, tick: int, arrived: ArrivedFrame, deadline: float, waited: float = 0.0) -> TickOutcome:
         started = time.monotonic()
         stream_time = self.frames.stream_time(arrived.arrival)
         self._read_pending()  # Redis answers while the frame is made and judged
@@ -345,6 +364,8 @@ class SessionLoop:
                                                    self.config.limits.max_frame_pixels), stream_time)
         sampled = time.monotonic()
         stages = {"wait": (started - arrived.arrival) * 1000, "sample": (sampled - started) * 1000}
+        if waited >= 0.001:
+            stages["align"] = waited * 1000  # how long after its due time the tick started
         inbox_items, changes = await self._take_pending()
         self._apply(changes)
         self.delegations.arrived(inbox_items)

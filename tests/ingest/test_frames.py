@@ -3,6 +3,9 @@ its frame once, at the model's size."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import av
 import numpy as np
 import pytest
@@ -29,6 +32,50 @@ def test_newest_frame_wins() -> None:
     assert newest is not None and newest.frame == 4 and buffer.replaced == 4
     assert buffer.take() is None
     assert buffer.stream_time(12.5) == 2.5
+
+
+async def _frames_every(buffer: LatestFrameBuffer, interval: float, count: int, first_after: float = 0.0) -> None:
+    """`count` frames, `interval` apart, the first after `first_after`; returns at the last."""
+    await asyncio.sleep(first_after)
+    for index in range(count):
+        if index:
+            await asyncio.sleep(interval)
+        buffer.put(index)
+
+
+async def test_a_tick_waits_for_the_next_frame_when_the_one_it_holds_is_old() -> None:
+    buffer = LatestFrameBuffer()
+    assert await buffer.aligned(0.5) == 0.0  # no frame yet: nothing to expect
+    await _frames_every(buffer, 0.1, 4)  # frames at 0, 0.1, 0.2, 0.3; the next would come at 0.4
+    assert buffer.interval == pytest.approx(0.1, abs=0.03)
+    await asyncio.sleep(0.06)  # the newest frame is 0.06 s old; the next is due in 0.04 s
+    feeder = asyncio.create_task(_frames_every(buffer, 0.1, 1, first_after=0.04))
+    waited = await buffer.aligned(0.5)
+    newest = buffer.take()
+    assert newest is not None and newest.frame == 0 and time.monotonic() - newest.arrival < 0.03
+    assert waited < 0.09  # it waited for that frame only
+    await feeder
+
+
+async def test_a_tick_does_not_wait_for_a_frame_too_far_off_or_after_the_video_stopped() -> None:
+    buffer = LatestFrameBuffer()
+    await _frames_every(buffer, 0.2, 3)
+    await asyncio.sleep(0.06)
+    assert await buffer.aligned(0.05) == 0.0  # 0.06 s old, and the next 0.14 s off: more than 0.05
+    await asyncio.sleep(0.5)  # no frame for 0.56 s: the video paused, no frame is expected
+    started = time.monotonic()
+    assert await buffer.aligned(0.5) == 0.0 and time.monotonic() - started < 0.02
+    buffer.put("fresh")
+    assert await buffer.aligned(0.5) == 0.0  # the newest frame has just arrived
+    assert buffer.interval == pytest.approx(0.2, abs=0.05)  # a pause is not a frame interval
+
+
+async def test_a_tick_waits_no_longer_than_its_limit_for_a_late_frame() -> None:
+    buffer = LatestFrameBuffer()
+    await _frames_every(buffer, 0.1, 4)
+    await asyncio.sleep(0.05)  # the next frame is due in about 0.05 s, and never comes
+    waited = await buffer.aligned(0.06)
+    assert 0.05 <= waited <= 0.1
 
 
 

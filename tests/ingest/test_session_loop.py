@@ -29,7 +29,7 @@ INTERVAL = 0.05
 
 
 def _config(**overrides: object) -> VigilConfig:
-    return VigilConfig(redis_url="unused", tick_interval_s=INTERVAL, image_size=32, **overrides)
+    return VigilConfig(**({"redis_url": "unused", "tick_interval_s": INTERVAL, "image_size": 32} | overrides))
 
 
 def _loop(
@@ -253,3 +253,47 @@ async def test_each_tick_asks_for_its_decision_by_a_deadline(store: SessionStore
     assert engine.requests
     for request in engine.requests:
         assert before + 2.5 <= request.deadline <= time.time() + 2.5
+
+
+@pytest.mark.parametrize("frame_wait_s", [0.45, 0.0])
+async def test_a_scheduled_tick_decides_on_a_frame_that_has_just_arrived(store: SessionStore,
+                                                                         frame_wait_s: float) -> None:
+    # Ticks every 0.2 s, frames every 0.08 s: at its due time a tick's newest frame is 0-80 ms old.
+    engine = ScriptedEngine()
+    loop, sent = _loop(store, LocalEngineHandle(engine).decide, tick_interval_s=0.2, tick_frame_wait_s=frame_wait_s)
+    loop.start()
+    for _ in range(30):
+        loop.frames.put(np.full((24, 32, 3), 40, np.uint8))
+        await asyncio.sleep(0.08)
+    await loop.stop()
+    decided = [m for m in _ticks(sent) if m["outcome"] == "silent"][2:]  # once the frame interval is known
+    assert len(decided) >= 6, _ticks(sent)
+    waits = [m["stages_ms"]["wait"] for m in decided]
+    if frame_wait_s:
+        # A frame older than a quarter of the interval (20 ms) is not decided on: the tick waits for the next.
+        assert max(waits) < 35, waits
+        assert any(m["stages_ms"].get("align", 0) > 0 for m in decided)
+    else:
+        assert max(waits) > 38, waits  # every other tick falls at least 40 ms after its frame
+        assert not any("align" in m["stages_ms"] for m in decided)
+    _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
+
+
+async def test_no_tick_waits_for_a_frame_while_the_one_before_still_runs(store: SessionStore) -> None:
+    engine = ScriptedEngine(delay_s=INTERVAL * 2.5)
+    loop, sent = _loop(store, LocalEngineHandle(engine).decide)
+    asked_while_running: list[bool] = []
+    aligned = loop.frames.aligned
+
+    async def watched(max_wait_s: float) -> float:
+        asked_while_running.append(loop._inflight is not None and not loop._inflight.done())
+        return await aligned(max_wait_s)
+
+    loop.frames.aligned = watched  # type: ignore[method-assign]
+    loop.start()
+    await _feed(loop, 24)
+    await loop.stop()
+    outcomes = Counter(m["outcome"] for m in _ticks(sent))
+    assert outcomes["skipped:busy"] >= 3 and asked_while_running, outcomes
+    assert not any(asked_while_running)
+    _assert_one_outcome_per_tick(sent, await store.outcomes(loop.session_id, limit=1000))
