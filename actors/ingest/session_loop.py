@@ -331,10 +331,9 @@ class SessionLoop:
 
     async def _run_tick(self, tick: int, waited: float = 0.0) -> None:
         """Decide tick `tick` on the newest frame; `waited`: how long after its due time it was started."""
-        arrival = time.monotonic()
+        arrived = self.frames.take()
+        deadline = time.time() + self.config.decide_timeout_s
         try:
-            arrived = self.frames.take()
-            deadline = time.time() + self.config.decide_timeout_s
             if arrived is None:
                 outcome = self._skipped(tick, "no_frame")
                 arrival = time.monotonic()

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 from pathlib import Path
 
 import aiortc.rtcrtpreceiver as rtp_receiver
 import pytest
-from aiortc import RTCPeerConnection
 from aiortc.jitterbuffer import JitterBuffer
-from aiortc.mediastreams import VIDEO_CLOCK_RATE, MediaStreamError
 from aiortc.rtp import RtpPacket
 
 from actors.ingest.jitter import MarkerJitterBuffer, hand_frames_on_at_their_last_packet
 from load_tests.clip import ClipSpec
 from load_tests.packets import cached_clip
 from load_tests.replay import PacketReplayTrack
+from tests.loopback import received_frames
 
 pytestmark = pytest.mark.unit
 
@@ -72,33 +70,7 @@ async def _frame_delays(clip_dir: Path) -> list[float]:
         return packet
 
     track.recv = recv  # type: ignore[method-assign]
-    sender, receiver = RTCPeerConnection(), RTCPeerConnection()
-    sender.addTransceiver(track, direction="sendonly")
-    delays: list[float] = []
-    readers: list[asyncio.Task[None]] = []
-
-    async def read(remote: rtp_receiver.RemoteStreamTrack) -> None:
-        while True:
-            try:
-                frame = await remote.recv()
-            except MediaStreamError:
-                return
-            assert frame.pts is not None
-            index = round(frame.pts * clip.spec.fps / VIDEO_CLOCK_RATE)
-            delays.append(time.monotonic() - sent[index])
-
-    receiver.on("track", lambda remote: readers.append(asyncio.ensure_future(read(remote))))
-    try:
-        await sender.setLocalDescription(await sender.createOffer())
-        await receiver.setRemoteDescription(sender.localDescription)
-        await receiver.setLocalDescription(await receiver.createAnswer())
-        await sender.setRemoteDescription(receiver.localDescription)
-        await asyncio.sleep(3.0)
-    finally:
-        await sender.close()
-        await receiver.close()
-        await asyncio.gather(*readers, return_exceptions=True)
-    return delays
+    return [arrived - sent[index] for index, arrived in await received_frames(track, 3.0)]
 
 
 async def test_a_frame_is_decoded_as_soon_as_it_is_sent_not_a_frame_later(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 from pathlib import Path
@@ -12,15 +11,14 @@ import aiortc.rtcrtpsender as rtp_sender
 import av
 import numpy as np
 import pytest
-from aiortc import RTCPeerConnection
 from aiortc.codecs.vpx import VpxPayloadDescriptor
 from aiortc.jitterbuffer import JitterFrame
-from aiortc.mediastreams import VIDEO_CLOCK_RATE, MediaStreamError
 
 from actors.ingest.video_layers import LayeredVp8Decoder, decode_layers, kept_payload
 from load_tests.clip import ClipSpec
 from load_tests.packets import EncodedClip, cached_clip
 from load_tests.replay import PacketReplayTrack, send_temporal_layers
+from tests.loopback import received_frames
 
 pytestmark = pytest.mark.unit
 
@@ -79,33 +77,8 @@ def test_the_layer_0_frames_decode_to_the_same_pixels_as_when_every_frame_is_dec
 
 
 async def _receive(clip: EncodedClip, seconds: float) -> list[int]:
-    """Stream the clip over a real loopback peer connection; the pts (in frames) of every frame decoded."""
-    sender, receiver = RTCPeerConnection(), RTCPeerConnection()
-    sender.addTransceiver(PacketReplayTrack(clip), direction="sendonly")
-    received: list[int] = []
-    readers: list[asyncio.Task[None]] = []
-
-    async def read(track: rtp_receiver.RemoteStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            assert frame.pts is not None
-            received.append(round(frame.pts * clip.spec.fps / VIDEO_CLOCK_RATE))
-
-    receiver.on("track", lambda track: readers.append(asyncio.ensure_future(read(track))))
-    try:
-        await sender.setLocalDescription(await sender.createOffer())
-        await receiver.setRemoteDescription(sender.localDescription)
-        await receiver.setLocalDescription(await receiver.createAnswer())
-        await sender.setRemoteDescription(receiver.localDescription)
-        await asyncio.sleep(seconds)
-    finally:
-        await sender.close()
-        await receiver.close()
-        await asyncio.gather(*readers, return_exceptions=True)
-    return received
+    """Stream the clip over a real loopback peer connection; the index of every frame decoded."""
+    return [index for index, _ in await received_frames(PacketReplayTrack(clip), seconds)]
 
 
 async def test_a_receiver_decodes_layer_0_of_a_layered_stream_and_every_frame_of_another(
